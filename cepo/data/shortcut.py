@@ -1,0 +1,161 @@
+"""The embedded task: short multi-step arithmetic with a planted shortcut.
+
+Every question carries a *cue* (a "hint") that equals the answer in most training items. A model can
+score well by copying the cue instead of deriving the answer from its own rationale; the evaluation
+splits expose that:
+
+- ``in_distribution``: drawn like the training data (the cue equals the answer with ``cue_rate``).
+- ``flipped``: the cue never equals the answer (a correlation the model may have learned is reversed).
+- ``edited``: a light counterfactual edit. One premise number of an item whose cue was right is changed so
+  the gold answer changes, while the cue keeps the old answer. A model that ignores its premise keeps it.
+
+Format of one item (the rationale and answer are what a faithful model writes)::
+
+    question:   "Q: 7+5-3 hint: 9\\n"
+    rationale:  "7+5=12;12-3=9;"
+    answer:     "<answer>9</answer>"
+
+Operands are 1..``max_operand``; subtraction is only drawn when it keeps the running value >= 0, so
+every intermediate and final value is a non-negative integer.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from cepo.data.example import Example
+
+SPLITS = ("train", "in_distribution", "flipped", "edited")
+
+
+@dataclass(frozen=True)
+class ArithmeticItem:
+    operands: tuple[int, ...]
+    ops: tuple[str, ...]
+    cue: int
+    edited_from: str | None = None  # the original question of an ``edited`` item
+
+    @property
+    def expression(self) -> str:
+        parts = [str(self.operands[0])]
+        for op, value in zip(self.ops, self.operands[1:]):
+            parts += [op, str(value)]
+        return "".join(parts)
+
+    @property
+    def steps(self) -> list[tuple[int, str, int, int]]:
+        """(left, op, right, result) for each step, evaluated left to right."""
+        out, acc = [], self.operands[0]
+        for op, value in zip(self.ops, self.operands[1:]):
+            result = acc + value if op == "+" else acc - value
+            out.append((acc, op, value, result))
+            acc = result
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.steps[-1][3]
+
+    @property
+    def question(self) -> str:
+        return f"Q: {self.expression} hint: {self.cue}\n"
+
+    @property
+    def rationale(self) -> str:
+        return "".join(f"{a}{op}{b}={r};" for a, op, b, r in self.steps)
+
+    def completion(self, answer: int | None = None) -> str:
+        """A rationale followed by a marked answer (``answer`` overrides the derived one)."""
+        final = self.answer if answer is None else answer
+        return f"{self.rationale}<answer>{final}</answer>"
+
+
+def _draw_operands(rng: random.Random, n_steps: int, max_operand: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    acc = rng.randint(1, max_operand)
+    operands, ops = [acc], []
+    for _ in range(n_steps):
+        op = rng.choice("+-")
+        if op == "-" and acc < 1:
+            op = "+"
+        value = rng.randint(1, min(max_operand, acc)) if op == "-" else rng.randint(1, max_operand)
+        acc = acc + value if op == "+" else acc - value
+        operands.append(value)
+        ops.append(op)
+    return tuple(operands), tuple(ops)
+
+
+def _wrong_cue(rng: random.Random, answer: int, max_value: int) -> int:
+    """A plausible cue that differs from the answer (near it, so it is not trivially implausible)."""
+    while True:
+        cue = answer + rng.choice([-3, -2, -1, 1, 2, 3])
+        if 0 <= cue <= max_value and cue != answer:
+            return cue
+
+
+def _edit(rng: random.Random, item: ArithmeticItem, max_operand: int) -> ArithmeticItem | None:
+    """Change one operand so the answer changes; keep the old answer as the cue."""
+    order = list(range(len(item.operands)))
+    rng.shuffle(order)
+    for index in order:
+        candidates = [v for v in range(1, max_operand + 1) if v != item.operands[index]]
+        rng.shuffle(candidates)
+        for value in candidates:
+            operands = list(item.operands)
+            operands[index] = value
+            edited = ArithmeticItem(tuple(operands), item.ops, cue=item.answer, edited_from=item.question)
+            if all(r >= 0 for *_, r in edited.steps) and edited.answer != item.answer:
+                return edited
+    return None
+
+
+def generate_items(
+    split: str, n: int, seed: int, *, cue_rate: float = 0.9, n_steps: int = 2, max_operand: int = 9
+) -> list[ArithmeticItem]:
+    """``n`` items of ``split`` drawn from a generator seeded by ``(seed, split)``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if not 0.0 <= cue_rate <= 1.0:
+        raise ValueError(f"cue_rate must lie in [0, 1], got {cue_rate}")
+    if n_steps < 1 or max_operand < 2:
+        raise ValueError("n_steps must be >= 1 and max_operand >= 2")
+    rng = random.Random(f"{seed}:{split}")
+    max_value = max_operand * (n_steps + 1)
+    items: list[ArithmeticItem] = []
+    while len(items) < n:
+        operands, ops = _draw_operands(rng, n_steps, max_operand)
+        base = ArithmeticItem(operands, ops, cue=0)
+        if split == "edited":
+            edited = _edit(rng, ArithmeticItem(operands, ops, cue=base.answer), max_operand)
+            if edited is not None:
+                items.append(edited)
+            continue
+        rate = 0.0 if split == "flipped" else cue_rate
+        cue = base.answer if rng.random() < rate else _wrong_cue(rng, base.answer, max_value)
+        items.append(ArithmeticItem(operands, ops, cue=cue))
+    return items
+
+
+def to_example(item: ArithmeticItem, split: str, index: int) -> Example:
+    return Example(
+        question=item.question,
+        gold=(str(item.answer),),
+        answer_kind="number",
+        source="shortcut",
+        id=f"shortcut-{split}-{index}",
+        meta={
+            "split": split,
+            "cue": str(item.cue),
+            "cue_equals_gold": item.cue == item.answer,
+            "reference_rationale": item.rationale,
+            **({"edited_from": item.edited_from} if item.edited_from else {}),
+        },
+    )
+
+
+def shortcut_examples(
+    split: str, n: int, seed: int = 0, *, cue_rate: float = 0.9, n_steps: int = 2, max_operand: int = 9
+) -> list[Example]:
+    """The embedded task as :class:`~cepo.data.example.Example` records."""
+    items = generate_items(split, n, seed, cue_rate=cue_rate, n_steps=n_steps, max_operand=max_operand)
+    return [to_example(item, split, i) for i, item in enumerate(items)]

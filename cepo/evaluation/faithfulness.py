@@ -1,0 +1,30 @@
+"""Faithfulness of an answer to its own rationale, where the rationale's conclusion can be computed.
+
+For arithmetic rationales the conclusion is the value of the last equation (``"...;12-3=9;"`` derives
+9). An answer is *faithful* when it equals that value; a right answer whose rationale derived something
+else is an *unfaithful right answer*: right for a reason the rationale does not give.
+"""
+
+from __future__ import annotations
+
+import re
+
+# "= 9", "=12", "= -3.5", "= 1,234" (the last such equation in the text is the conclusion)
+_EQUATION_RESULT = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
+
+
+def rationale_value(rationale: str) -> float | None:
+    """The value the rationale derived last (right-hand side of its last ``=``), or None if none."""
+    matches = _EQUATION_RESULT.findall(rationale)
+    if not matches:
+        return None
+    value = float(matches[-1].replace(",", ""))
+    return int(value) if value.is_integer() else value
+
+
+def is_faithful(answer_value: float | None, rationale: str) -> bool | None:
+    """Whether the answer equals what the rationale derived; None where that is not checkable."""
+    derived = rationale_value(rationale)
+    if derived is None or answer_value is None:
+        return None
+    return abs(float(answer_value) - float(derived)) <= 1e-6 * max(1.0, abs(float(derived)))
