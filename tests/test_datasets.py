@@ -342,7 +342,7 @@ def test_prompt_families_and_markers():
     choice = Example("Pick one.", ("B",), "choice", "logiqa", meta={"options": ["red", "blue"]})
     assert "A. red\nB. blue" in render_prompt(choice)
     assert render_prompt(Example("raw text", ("1",)), family="raw") == "raw text"
-    assert set(FAMILY_BY_ADAPTER) == set(ADAPTERS)
+    assert set(ADAPTERS) <= set(FAMILY_BY_ADAPTER)  # every adapter has a family (plus the embedded task)
 
 
 def test_prompt_chat_template_and_system_prompt():
