@@ -1,0 +1,413 @@
+"""The coherence reward: Jacobian channel scores of (prompt Z, rationale X, answer Y) triples.
+
+For every rollout the scorer builds ``1 + 2K`` sequences ``[Z] <eos> [X] <eos> [Y]`` (the base, K
+shuffled prompts and K shuffled rationales), runs them through the model in padded micro-batches with one
+forward and two vector-Jacobian products per micro-batch, and turns the gradients of the segment
+log-likelihoods with respect to the input embeddings into three channel scores ``S_ZX``, ``S_XY`` and
+``S_ZY`` (direct) in [floor, 1]. The arithmetic is in :mod:`cepo.coherence.math`; the design reference,
+sections 3 and 4, gives the formulas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from cepo.coherence import math as cm
+from cepo.coherence.counterfactuals import Counterfactual, WordShuffle, draw_counterfactuals
+from cepo.policy.forward import autocast_off, backbone_and_head, gather_logprobs, hidden_states
+
+CHANNELS = ("zx", "xy", "zy")
+
+# Kinds of sequence a rollout contributes.
+_BASE, _PROMPT_CF, _RATIONALE_CF = 0, 1, 2
+
+
+@dataclass
+class CoherenceResult:
+    """Channel scores per rollout, as ``(N,)`` float32 CPU tensors in [floor, 1].
+
+    ``zx``: S_ZX, the rationale's dependence on the prompt; ``xy``: S_XY, the answer's dependence on the
+    rationale; ``zy``: S_ZY, the answer's direct dependence on the prompt (the part not carried through
+    the rationale). ``diagnostics`` maps names to ``(N,)`` tensors: ``{c}_shape`` and ``{c}_magnitude``
+    (the two factors of each score), ``{c}_norm`` (the Frobenius norm of the base matrix ``J_c``) and
+    ``zy_total_norm`` (``||J_ZYtot||`` before the direct-effect projection).
+    """
+
+    zx: Tensor
+    xy: Tensor
+    zy: Tensor
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Sequence:
+    rollout: int
+    kind: int
+    k: int
+    z: list[int]
+    x: list[int]
+    y: list[int]
+
+    def __len__(self) -> int:
+        return len(self.z) + len(self.x) + len(self.y) + 2
+
+
+@dataclass
+class _Slices:
+    """Gradient rows kept from one rollout's sequences, each ``(rows, d)``."""
+
+    zx: Tensor | None = None
+    zy_total: Tensor | None = None
+    xy: Tensor | None = None
+    zx_cf: dict[int, Tensor] = field(default_factory=dict)
+    zy_total_cf: dict[int, Tensor] = field(default_factory=dict)
+    xy_cf: dict[int, Tensor] = field(default_factory=dict)
+
+
+class CoherenceScorer:
+    """Scores the causal coherence of rollouts from input-embedding gradients (CE-PO, arXiv 2509.23095).
+
+    The pass runs with autocast off, in eval mode (no dropout) and without gradient checkpointing, in
+    the scoring network's own dtype: a float32 network gives float32 gradients; a half-precision one is
+    scored in half precision and its gradients are upcast for the arithmetic.
+
+    Args:
+        micro_batch_size: Sequences per forward/backward pass; also the most rollouts whose gradients
+            are held at once. Each rollout contributes ``1 + 2K`` sequences (the base, K shuffled prompts,
+            K shuffled rationales); lower it if the pass runs out of memory.
+        num_counterfactuals: K, the counterfactual draws per source text (the authors used 4 for models
+            up to 4B parameters and 1 for 8B). 0 skips the projection (every magnitude is then 1).
+        counterfactual: The generator of counterfactual texts (default: the authors' word shuffle).
+        max_prompt_tokens: Keep at most this many prompt tokens, the last ones (the end of the prompt,
+            next to the completion, carries the question and the generation cue). None: no cap.
+        max_rationale_tokens: Keep at most this many rationale tokens, the last ones (the reasoning that
+            leads into the answer). None: no cap.
+        max_answer_tokens: Keep at most this many answer tokens, the first ones. None: no cap.
+        floor: The lowest score f; scores are ``f + (1 - f) * sqrt(shape * magnitude)``.
+        hardened: False gives the naive, unhardened variant of the reward-hacking study: no
+            counterfactuals, score = ``f + (1 - f) * shape(J_c)``.
+        seed: Base seed of the counterfactual draws; a draw depends on (seed, step, rollout index).
+    """
+
+    def __init__(
+        self,
+        micro_batch_size: int = 16,
+        num_counterfactuals: int = 4,
+        counterfactual: Counterfactual = WordShuffle(),
+        max_prompt_tokens: int | None = None,
+        max_rationale_tokens: int | None = None,
+        max_answer_tokens: int | None = None,
+        floor: float = 0.005,
+        hardened: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if num_counterfactuals < 0:
+            raise ValueError(f"num_counterfactuals must be >= 0, got {num_counterfactuals}")
+        for name, cap in (
+            ("max_prompt_tokens", max_prompt_tokens),
+            ("max_rationale_tokens", max_rationale_tokens),
+            ("max_answer_tokens", max_answer_tokens),
+        ):
+            if cap is not None and cap < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {cap}")
+        if not 0.0 <= floor < 1.0:
+            raise ValueError(f"floor must lie in [0, 1), got {floor}")
+        self.micro_batch_size = micro_batch_size
+        self.num_counterfactuals = num_counterfactuals
+        self.counterfactual = counterfactual
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_rationale_tokens = max_rationale_tokens
+        self.max_answer_tokens = max_answer_tokens
+        self.floor = floor
+        self.hardened = hardened
+        self.seed = seed
+
+    # ------------------------------------------------------------------ public entry point
+
+    def score(
+        self,
+        model: nn.Module,
+        tokenizer,
+        prompts: Sequence[str],
+        rationales: Sequence[str],
+        answers: Sequence[str],
+        counterfactual_prompts: Sequence[Sequence[str]] | None = None,
+        counterfactual_rationales: Sequence[Sequence[str]] | None = None,
+        step: int = 0,
+    ) -> CoherenceResult:
+        """Channel scores of N rollouts ``(prompts[i], rationales[i], answers[i])``.
+
+        ``counterfactual_prompts[i]`` / ``counterfactual_rationales[i]`` (each a list of K texts, the same
+        K for every rollout) replace the generated counterfactuals; by default they are drawn with
+        ``self.counterfactual`` from a generator seeded by ``(seed, step)``. The unhardened variant uses
+        no counterfactuals and ignores them. The model's training mode, gradient checkpointing and
+        ``requires_grad`` flags are left as they were, and no parameter ``.grad`` is touched.
+        """
+        n = len(prompts)
+        if len(rationales) != n or len(answers) != n:
+            raise ValueError(
+                f"prompts, rationales and answers must have one entry per rollout; got {n}, "
+                f"{len(rationales)} and {len(answers)}"
+            )
+        if n == 0:
+            empty = torch.zeros(0, dtype=torch.float32)
+            return CoherenceResult(empty, empty.clone(), empty.clone(), {})
+        cf_prompts, cf_rationales = self._counterfactual_texts(
+            list(prompts), list(rationales), counterfactual_prompts, counterfactual_rationales, step
+        )
+        sequences = self._sequences(tokenizer, prompts, rationales, answers, cf_prompts, cf_rationales)
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token_id: the coherence pass joins Z, X and Y with EOS")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        n_z_cf = len(cf_prompts[0]) if cf_prompts else 0
+        n_x_cf = len(cf_rationales[0]) if cf_rationales else 0
+
+        model = _unwrap_ddp(model)
+        with ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(_scoring_mode(model))
+            per_rollout = self._run(model, sequences, n, eos, pad, n_z_cf, n_x_cf)
+
+        result = {key: torch.stack([r[key] for r in per_rollout]).float().cpu() for key in per_rollout[0]}
+        zx, xy, zy = (result.pop(c) for c in CHANNELS)
+        return CoherenceResult(zx=zx, xy=xy, zy=zy, diagnostics=result)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _counterfactual_texts(self, prompts, rationales, given_prompts, given_rationales, step):
+        if not self.hardened:
+            return [], []
+        k = self.num_counterfactuals
+        if given_prompts is None:
+            given_prompts = draw_counterfactuals(prompts, self.counterfactual, k, f"{self.seed}:{step}:prompt")
+        if given_rationales is None:
+            given_rationales = draw_counterfactuals(
+                rationales, self.counterfactual, k, f"{self.seed}:{step}:rationale"
+            )
+        for name, given in (("counterfactual_prompts", given_prompts), ("counterfactual_rationales", given_rationales)):
+            if len(given) != len(prompts):
+                raise ValueError(f"{name} needs one list per rollout: got {len(given)} for {len(prompts)} rollouts")
+            if len({len(texts) for texts in given}) > 1:
+                raise ValueError(f"{name} must hold the same number of texts for every rollout")
+        return [list(t) for t in given_prompts], [list(t) for t in given_rationales]
+
+    def _sequences(self, tokenizer, prompts, rationales, answers, cf_prompts, cf_rationales) -> list[_Sequence]:
+        texts = list(prompts) + list(rationales) + list(answers)
+        texts += [t for row in cf_prompts for t in row] + [t for row in cf_rationales for t in row]
+        unique = list(dict.fromkeys(texts))
+        encoded = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
+        ids = dict(zip(unique, encoded))
+
+        def z(text):
+            return _keep_last(ids[text], self.max_prompt_tokens)
+
+        def x(text):
+            return _keep_last(ids[text], self.max_rationale_tokens)
+
+        def y(text):
+            ids_y = ids[text]
+            return ids_y if self.max_answer_tokens is None else ids_y[: self.max_answer_tokens]
+
+        out = []
+        for i in range(len(prompts)):
+            zi, xi, yi = z(prompts[i]), x(rationales[i]), y(answers[i])
+            out.append(_Sequence(i, _BASE, 0, zi, xi, yi))
+            for k, text in enumerate(cf_prompts[i] if cf_prompts else []):
+                out.append(_Sequence(i, _PROMPT_CF, k, z(text), xi, yi))
+            for k, text in enumerate(cf_rationales[i] if cf_rationales else []):
+                out.append(_Sequence(i, _RATIONALE_CF, k, zi, x(text), yi))
+        return out
+
+    # ------------------------------------------------------------------ the gradient pass
+
+    def _run(self, model, sequences, n, eos, pad, n_z_cf, n_x_cf) -> list[dict[str, Tensor]]:
+        # Rollouts are taken longest first, so a micro-batch holds sequences of similar length, in
+        # chunks of at most micro_batch_size rollouts, so that the gradients kept in flight stay bounded.
+        # Within a chunk the shuffled-rationale sequences run in passes of their own: they need only
+        # G_Y, which saves one of the two backward passes for K of the 1 + 2K sequences.
+        by_rollout: list[list[_Sequence]] = [[] for _ in range(n)]
+        for seq in sequences:
+            by_rollout[seq.rollout].append(seq)
+        order = sorted(range(n), key=lambda i: -len(by_rollout[i][0]))
+        results: list[dict[str, Tensor] | None] = [None] * n
+        for chunk_start in range(0, n, self.micro_batch_size):
+            chunk = order[chunk_start : chunk_start + self.micro_batch_size]
+            slices = {i: _Slices() for i in chunk}
+            both = [seq for i in chunk for seq in by_rollout[i] if seq.kind != _RATIONALE_CF]
+            y_only = [seq for i in chunk for seq in by_rollout[i] if seq.kind == _RATIONALE_CF]
+            for stream in (both, y_only):
+                for start in range(0, len(stream), self.micro_batch_size):
+                    batch = stream[start : start + self.micro_batch_size]
+                    G_X, G_Y = self._gradients(model, batch, eos, pad)
+                    for row, seq in enumerate(batch):
+                        self._keep(slices[seq.rollout], seq, G_X[row] if G_X is not None else None, G_Y[row])
+            scores = self._finalize([slices[i] for i in chunk], n_z_cf, n_x_cf)
+            for j, i in enumerate(chunk):
+                results[i] = {key: value[j] for key, value in scores.items()}
+        return results  # type: ignore[return-value]
+
+    def _gradients(self, model, batch: list[_Sequence], eos: int, pad: int) -> tuple[Tensor | None, Tensor]:
+        """``(G_X, G_Y)``, each ``(B, L, d)`` float32: gradients of every row's l_X and l_Y with respect
+        to its input embeddings. l_X is left out for shuffled-rationale rows (their G_X is never used);
+        G_X is None when no row needs it."""
+        embed = model.get_input_embeddings()
+        _, head = backbone_and_head(model)
+        device = embed.weight.device
+        width = max(len(seq) for seq in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        rows, positions, is_y = [], [], []
+        for b, seq in enumerate(batch):
+            tokens = seq.z + [eos] + seq.x + [eos] + seq.y
+            ids[b, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[b, : len(tokens)] = 1
+            x_start = len(seq.z) + 1
+            y_start = x_start + len(seq.x) + 1
+            n_x = len(seq.x) if seq.kind != _RATIONALE_CF else 0
+            rows += [b] * (n_x + len(seq.y))
+            positions += list(range(x_start, x_start + n_x)) + list(range(y_start, y_start + len(seq.y)))
+            is_y += [False] * n_x + [True] * len(seq.y)
+        ids, mask = ids.to(device), mask.to(device)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=device)
+        is_y_t = torch.tensor(is_y, dtype=torch.bool, device=device)
+
+        with torch.no_grad():
+            E = embed(ids)
+        E = E.detach().requires_grad_()  # (B, L, d), a leaf: gradients reach it and nothing else
+        with autocast_off(device):
+            hidden = hidden_states(model, mask, inputs_embeds=E)  # (B, L, hidden)
+            l_X = hidden.new_zeros(len(batch), dtype=torch.float32)
+            l_Y = l_X.clone()
+            if rows:
+                # The hidden state at t-1 scores token t; the head runs on these positions alone.
+                logits = head(hidden[rows_t, pos_t - 1])  # (n_scored, vocab)
+                logp = gather_logprobs(logits, ids[rows_t, pos_t])  # (n_scored,)
+                l_X = l_X.index_add(0, rows_t[~is_y_t], logp[~is_y_t])
+                l_Y = l_Y.index_add(0, rows_t[is_y_t], logp[is_y_t])
+        # Rows are independent sequences, so the gradient of the sum is each row's own gradient.
+        need_x = any(seq.kind != _RATIONALE_CF for seq in batch)
+        has_x, has_y = bool((~is_y_t).any()), bool(is_y_t.any())
+        G_X = None
+        if need_x and has_x:
+            G_X = torch.autograd.grad(l_X.sum(), E, retain_graph=has_y)[0].float()
+        elif need_x:
+            G_X = torch.zeros_like(E, dtype=torch.float32)
+        G_Y = torch.autograd.grad(l_Y.sum(), E)[0] if has_y else torch.zeros_like(E)
+        return G_X, G_Y.float()
+
+    @staticmethod
+    def _keep(store: _Slices, seq: _Sequence, g_x: Tensor | None, g_y: Tensor) -> None:
+        """Copy the rows a rollout needs out of one sequence's gradients (the pass's tensors are freed)."""
+        nz, nx = len(seq.z), len(seq.x)
+        z_rows, x_rows = slice(0, nz), slice(nz + 1, nz + 1 + nx)  # separator rows are dropped
+        if seq.kind == _BASE:
+            store.zx, store.zy_total, store.xy = g_x[z_rows].clone(), g_y[z_rows].clone(), g_y[x_rows].clone()
+        elif seq.kind == _PROMPT_CF:
+            store.zx_cf[seq.k], store.zy_total_cf[seq.k] = g_x[z_rows].clone(), g_y[z_rows].clone()
+        else:
+            store.xy_cf[seq.k] = g_y[x_rows].clone()
+
+    # ------------------------------------------------------------------ scores of finished rollouts
+
+    def _finalize(self, done: list[_Slices], n_z_cf: int, n_x_cf: int) -> dict[str, Tensor]:
+        """Scores and diagnostics ``(b,)`` of b finished rollouts, vectorised over zero-padded matrices."""
+        J_ZX = _pad_stack([s.zx for s in done])  # (b, Zm, d)
+        J_ZYtot = _pad_stack([s.zy_total for s in done])
+        J_XY = _pad_stack([s.xy for s in done])  # (b, Xm, d)
+        n_x = torch.tensor([s.xy.shape[0] for s in done], device=J_XY.device)
+        x_mask = torch.arange(J_XY.shape[1], device=J_XY.device) < n_x[:, None]  # (b, Xm)
+        J_ZY = cm.direct_effect(J_ZYtot, J_ZX, J_XY, x_mask)
+
+        out = {
+            "zx_norm": cm.frobenius_sq(J_ZX).sqrt(),
+            "xy_norm": cm.frobenius_sq(J_XY).sqrt(),
+            "zy_norm": cm.frobenius_sq(J_ZY).sqrt(),
+            "zy_total_norm": cm.frobenius_sq(J_ZYtot).sqrt(),
+        }
+        base = {"zx": J_ZX, "xy": J_XY, "zy": J_ZY}
+        if not self.hardened:
+            for c, J in base.items():
+                shape = cm.shape_score(J)
+                out[c] = cm.floor_squash(shape, self.floor)
+                out[f"{c}_shape"], out[f"{c}_magnitude"] = shape, torch.ones_like(shape)
+            return out
+
+        # Counterfactual matrices at their own row counts, zero padded: (b, K, rows, d).
+        J_ZX_cf = _stack_cf([[s.zx_cf[k] for k in range(n_z_cf)] for s in done], J_ZX)
+        J_ZYtot_cf = _stack_cf([[s.zy_total_cf[k] for k in range(n_z_cf)] for s in done], J_ZX)
+        J_XY_cf = _stack_cf([[s.xy_cf[k] for k in range(n_x_cf)] for s in done], J_XY)
+        # Direct effect of each shuffled prompt, regressed on the *base* rationale rows, then every
+        # counterfactual is aligned to its base matrix (truncate extra rows, zero-pad missing ones).
+        J_ZY_cf = cm.direct_effect(J_ZYtot_cf, J_ZX_cf, J_XY[:, None], x_mask[:, None])
+        n_z = torch.tensor([s.zx.shape[0] for s in done], device=J_ZX.device)
+        z_rows = n_z[:, None].expand(-1, n_z_cf)
+        J_ZX_cf = cm.align_rows(J_ZX_cf, z_rows, J_ZX.shape[1])
+        J_ZY_cf = cm.align_rows(J_ZY_cf, z_rows, J_ZX.shape[1])
+        J_XY_cf = cm.align_rows(J_XY_cf, n_x[:, None].expand(-1, n_x_cf), J_XY.shape[1])
+        means = {"zx": _mean_k(J_ZX_cf), "xy": _mean_k(J_XY_cf), "zy": _mean_k(J_ZY_cf)}
+        for c, J in base.items():
+            out[c], out[f"{c}_shape"], out[f"{c}_magnitude"] = cm.hardened_channel(J, means[c], self.floor)
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _keep_last(ids: list[int], cap: int | None) -> list[int]:
+    if cap is None or len(ids) <= cap:
+        return list(ids)
+    return list(ids[len(ids) - cap :])
+
+
+def _pad_stack(mats: list[Tensor]) -> Tensor:
+    """Zero-pad ``(rows_i, d)`` matrices to a common row count and stack: ``(b, max rows, d)``."""
+    return torch.nn.utils.rnn.pad_sequence(mats, batch_first=True)
+
+
+def _stack_cf(mats: list[list[Tensor]], like: Tensor) -> Tensor:
+    """``(b, K, max rows, d)``: counterfactual matrix k of rollout j, zero padded past its own rows."""
+    b, k, d = len(mats), len(mats[0]), like.shape[-1]
+    rows = max((m.shape[0] for row in mats for m in row), default=0)
+    out = like.new_zeros((b, k, rows, d))
+    for j, row in enumerate(mats):
+        for kk, m in enumerate(row):
+            out[j, kk, : m.shape[0]] = m
+    return out
+
+
+def _mean_k(J_cf: Tensor) -> Tensor:
+    """Mean over the K counterfactuals ``(b, K, rows, d) -> (b, rows, d)``; zeros when K = 0."""
+    return J_cf.mean(dim=1) if J_cf.shape[1] else J_cf.new_zeros(J_cf.shape[:1] + J_cf.shape[2:])
+
+
+def _unwrap_ddp(model: nn.Module) -> nn.Module:
+    while not hasattr(model, "get_input_embeddings") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextmanager
+def _scoring_mode(model: nn.Module):
+    """Eval mode (no dropout) and gradient checkpointing off for the pass; both restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    try:
+        for m in checkpointed:
+            m.gradient_checkpointing = False
+        model.eval()
+        yield
+    finally:
+        for m in checkpointed:
+            m.gradient_checkpointing = True
+        for m, training in modes:
+            m.training = training

@@ -1,0 +1,84 @@
+"""Attaches the three coherence channel scores to every rollout batch as reward terms."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+
+from cepo.coherence.scorer import CHANNELS, CoherenceScorer
+from cepo.training.rollout import Rollout
+
+NETWORKS = ("reference", "policy")
+
+
+class CoherenceRewardCallback(L.Callback):
+    """The CE-PO coherence reward: scores each rollout's (prompt, rationale, answer) with the Jacobian
+    channels S_ZX, S_XY and S_ZY and adds them as the reward terms ``coherence_zx``, ``coherence_xy`` and
+    ``coherence_zy``, which the power-mean combiner fuses with accuracy.
+
+    The LightningModule calls :meth:`on_rollout_batch` between generation and the update.
+    """
+
+    def __init__(
+        self,
+        scorer: CoherenceScorer | None = None,
+        network: str = "reference",
+        weight_zx: float = 0.1,
+        weight_xy: float = 0.1,
+        weight_zy: float = 0.1,
+        score_during_eval: bool = False,
+    ) -> None:
+        """
+        Args:
+            scorer: The coherence scorer (micro-batch size, number and kind of counterfactuals, token
+                caps, floor, hardened or naive). Default: ``CoherenceScorer()``, K = 4 word shuffles.
+            network: Which network's gradients are scored: ``"reference"`` (the frozen initial policy,
+                the authors' choice: the LoRA policy with its adapter disabled, or a frozen starting
+                adapter) or ``"policy"`` (the current policy).
+            weight_zx: Combiner weight of S_ZX, the rationale's dependence on the prompt (0 = logged
+                only).
+            weight_xy: Combiner weight of S_XY, the answer's dependence on the rationale (0 = logged
+                only).
+            weight_zy: Combiner weight of S_ZY, the answer's direct dependence on the prompt (0 =
+                logged only).
+            score_during_eval: Also score validation/test rollouts (costs one Jacobian pass per batch).
+        """
+        super().__init__()
+        if network not in NETWORKS:
+            raise ValueError(
+                f"CoherenceRewardCallback: network={network!r} is not supported; use 'reference' (the frozen "
+                "initial policy) or 'policy' (the current policy)"
+            )
+        for name, weight in (("weight_zx", weight_zx), ("weight_xy", weight_xy), ("weight_zy", weight_zy)):
+            if not weight >= 0:
+                raise ValueError(f"CoherenceRewardCallback: {name} must be >= 0, got {weight}")
+        self.scorer = scorer if scorer is not None else CoherenceScorer()
+        self.network = network
+        self.weights = {"zx": float(weight_zx), "xy": float(weight_xy), "zy": float(weight_zy)}
+        self.score_during_eval = score_during_eval
+
+    def on_rollout_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, rollout: Rollout) -> None:
+        """Score ``rollout`` and attach the three reward terms and their diagnostics."""
+        if rollout.stage != "train" and not self.score_during_eval:
+            return
+        start = time.perf_counter()
+        # Only pl_module attributes are used: under DDP the module the trainer runs may be wrapped.
+        kwargs = dict(
+            tokenizer=pl_module.tokenizer,
+            prompts=rollout.prompts,
+            rationales=rollout.rationales,
+            answers=rollout.answers,
+            step=int(trainer.global_step),
+        )
+        if self.network == "reference":
+            with pl_module.reference_model() as net:
+                result = self.scorer.score(net, **kwargs)
+        else:
+            result = self.scorer.score(pl_module.policy, **kwargs)
+        for channel in CHANNELS:
+            rollout.add_reward(f"coherence_{channel}", getattr(result, channel), self.weights[channel])
+        for key, values in result.diagnostics.items():
+            if values.numel():
+                rollout.stats[f"coherence/{key}"] = float(values.float().mean())
+        rollout.stats["time/coherence_s"] = time.perf_counter() - start
