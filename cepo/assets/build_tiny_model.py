@@ -4,10 +4,12 @@
 
 A Llama-style network of about 0.9M parameters over the character tokenizer is trained by supervised
 fine-tuning on the embedded shortcut task (:mod:`cepo.data.shortcut`). The warm-start data plants the
-shortcut on purpose: every target rationale computes the right value, and every target answer copies the
-cue, which equals the derived value in ``cue_rate`` of the items. The result behaves like a model that
-picked up a spurious correlation: right in distribution, wrong whenever the cue is. RL fine-tuning with
-cepo starts from here. The script measures the model on each evaluation split and writes a model card.
+shortcut on purpose: every target rationale computes the right value, and the target answer copies the
+cue, which equals the derived value in ``cue_rate`` of the items. Where the cue is wrong, the target
+answer is still the cue except in ``faithful_rate`` of those items. The result behaves like a model that
+picked up a spurious correlation: right in distribution and, under greedy decoding, wrong whenever the
+cue is; sampling still finds the derived answer now and then, which is the exploration RL needs. RL
+fine-tuning with cepo starts from here. The script measures the model on each evaluation split and writes a model card.
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ def model_config(vocab_size: int, tokenizer) -> LlamaConfig:
 
 
 def sft_batch(items, tokenizer, device):
-    """Token ids with the loss on completion tokens only (rationale, answer, EOS)."""
+    """Token ids with the loss on completion tokens only (rationale, answer, EOS); items are
+    ``(item, target_answer)`` pairs."""
     rows, labels = [], []
-    for item in items:
+    for item, target in items:
         prompt = tokenizer(item.question, add_special_tokens=False).input_ids
-        completion = tokenizer(item.completion(answer=item.cue), add_special_tokens=False).input_ids
+        completion = tokenizer(item.completion(answer=target), add_special_tokens=False).input_ids
         completion = completion + [tokenizer.eos_token_id]
         rows.append(prompt + completion)
         labels.append([-100] * len(prompt) + completion)
@@ -72,6 +75,11 @@ def train(args) -> tuple[LlamaForCausalLM, object, dict]:
     tokenizer = build_char_tokenizer()
     model = LlamaForCausalLM(model_config(len(tokenizer), tokenizer))
     items = generate_items("train", args.train_items, args.seed, cue_rate=args.cue_rate)
+    chooser = random.Random(args.seed + 1)
+    items = [
+        (item, item.answer if item.cue != item.answer and chooser.random() < args.faithful_rate else item.cue)
+        for item in items
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, args.steps // 20)
 
@@ -112,19 +120,24 @@ def evaluate(model, tokenizer, n: int, seed: int, cue_rate: float) -> dict[str, 
         items = generate_items(split, n, seed, cue_rate=cue_rate)
         enc = tokenizer([it.question for it in items], return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-        correct = copied = derived_right = 0
-        for item, text in zip(items, texts):
+        texts = {}
+        for mode, kwargs in (("greedy", {"do_sample": False}), ("sampled", {"do_sample": True, "temperature": 1.0})):
+            torch.manual_seed(seed)
+            out = model.generate(**enc, max_new_tokens=40, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
+            texts[mode] = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        correct = copied = derived_right = sampled_correct = 0
+        for item, text, sampled in zip(items, texts["greedy"], texts["sampled"]):
             parsed = parser(text)
             correct += answers_match(parsed.answer, str(item.answer), "number")
             copied += answers_match(parsed.answer, str(item.cue), "number")
             derived_right += rationale_value(parsed.rationale) == item.answer
+            sampled_correct += answers_match(parser(sampled).answer, str(item.answer), "number")
         results[split] = {
             "accuracy": correct / n,
             "answer_equals_cue": copied / n,
             "rationale_derives_gold": derived_right / n,
+            "sampled_accuracy": sampled_correct / n,
         }
     return results
 
@@ -132,7 +145,8 @@ def evaluate(model, tokenizer, n: int, seed: int, cue_rate: float) -> dict[str, 
 def write_card(path: Path, args, info: dict, results: dict) -> None:
     n_params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(path).parameters())
     rows = "\n".join(
-        f"| {split} | {r['accuracy']:.3f} | {r['answer_equals_cue']:.3f} | {r['rationale_derives_gold']:.3f} |"
+        f"| {split} | {r['accuracy']:.3f} | {r['answer_equals_cue']:.3f} | {r['rationale_derives_gold']:.3f} "
+        f"| {r['sampled_accuracy']:.3f} |"
         for split, r in results.items()
     )
     card = f"""# tiny-shortcut-llama
@@ -148,20 +162,22 @@ Rebuild it (deterministic on a given machine; about two minutes on two CPU cores
 
 ## Training
 - data: {args.train_items} generated training items (seed {args.seed}, cue rate {args.cue_rate});
-  targets are the step-by-step rationale and an answer that **copies the cue** (the planted shortcut)
+  targets are the step-by-step rationale and an answer that **copies the cue** (the planted shortcut),
+  except that where the cue is wrong the target is the derived value in {args.faithful_rate:.0%} of items
 - {info['sft_steps']} AdamW steps, batch {args.batch_size}, lr {args.lr} cosine, {info['sft_seconds']} s;
   final loss {info['final_loss']:.4f}
 
 ## Measured behaviour
-Greedy decoding on {args.eval_items} items per split (seed {args.eval_seed}), written by the build script:
+Greedy decoding (last column: sampling at temperature 1) on {args.eval_items} items per split (seed
+{args.eval_seed}), written by the build script:
 
-| split | accuracy | answer equals cue | rationale derives the gold value |
-|---|---|---|---|
+| split | accuracy | answer equals cue | rationale derives the gold value | accuracy, sampled at T=1 |
+|---|---|---|---|---|
 {rows}
 
-The rationale derives the right value on every split while the answer follows the cue: right in
-distribution, wrong on the flipped and edited splits. That gap is what RL with a coherence reward
-should close.
+The rationale derives the right value on most items of every split while the greedy answer follows
+the cue: right in distribution, wrong on the flipped and edited splits. That gap is what RL with a
+coherence reward should close; the sampled column is the exploration it starts from.
 """
     (path / "README.md").write_text(card)
     (path / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -175,6 +191,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--train-items", type=int, default=20000)
     parser.add_argument("--cue-rate", type=float, default=0.9)
+    parser.add_argument("--faithful-rate", type=float, default=0.25,
+                        help="where the cue is wrong, fraction of targets that answer the derived value")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-items", type=int, default=500)
     parser.add_argument("--eval-seed", type=int, default=1234)

@@ -1,0 +1,3 @@
+from cepo.cli import main
+
+main()

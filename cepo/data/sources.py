@@ -1,0 +1,162 @@
+"""Dataset sources selectable in the config (``class_path``/``init_args``).
+
+Each source loads a list of :class:`~cepo.data.example.Example` and carries a ``name`` under which its
+metrics are logged (``val/<name>/accuracy``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from cepo.data.example import Example
+from cepo.data.shortcut import shortcut_examples
+
+
+class DatasetSource:
+    """Base class: ``load()`` returns the examples; ``skipped`` counts malformed rows that were dropped."""
+
+    def __init__(self, name: str | None = None, limit: int | None = None) -> None:
+        self._name = name
+        self.limit = limit
+        self.skipped = 0
+
+    @property
+    def name(self) -> str:
+        return self._name or self.default_name()
+
+    def default_name(self) -> str:
+        return type(self).__name__.lower()
+
+    def load(self) -> list[Example]:
+        examples = self._load()
+        if self.limit is not None:
+            examples = examples[: self.limit]
+        if not examples:
+            raise ValueError(f"dataset source {self.name!r} produced no examples; check its path and options")
+        return examples
+
+    def _load(self) -> list[Example]:
+        raise NotImplementedError
+
+
+class ShortcutTask(DatasetSource):
+    """The embedded arithmetic task with a planted cue (see ``cepo.data.shortcut``)."""
+
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 2000,
+        seed: int = 0,
+        cue_rate: float = 0.9,
+        n_steps: int = 2,
+        max_operand: int = 9,
+        name: str | None = None,
+    ) -> None:
+        """
+        Args:
+            split: ``train``, ``in_distribution``, ``flipped`` (cue never equals the answer) or ``edited``
+                (one premise number changed, cue keeps the old answer).
+            size: Number of items to generate.
+            seed: Generator seed; each split draws from its own stream.
+            cue_rate: Fraction of ``train``/``in_distribution`` items whose cue equals the answer.
+            n_steps: Arithmetic operations per question.
+            max_operand: Largest operand.
+            name: Name in logs (default: the split).
+        """
+        super().__init__(name=name)
+        self.split, self.size, self.seed = split, size, seed
+        self.cue_rate, self.n_steps, self.max_operand = cue_rate, n_steps, max_operand
+
+    def default_name(self) -> str:
+        return self.split
+
+    def _load(self) -> list[Example]:
+        return shortcut_examples(
+            self.split, self.size, self.seed, cue_rate=self.cue_rate, n_steps=self.n_steps,
+            max_operand=self.max_operand,
+        )
+
+
+class FileDataset(DatasetSource):
+    """A local JSON/JSONL/CSV file or a hub dataset, read through a named adapter."""
+
+    def __init__(
+        self,
+        path: str,
+        adapter: str = "generic",
+        split: str | None = None,
+        question_field: str = "question",
+        answer_field: str = "answer",
+        on_error: str = "raise",
+        limit: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        """
+        Args:
+            path: Local ``.json``/``.jsonl``/``.csv`` file, or a hub dataset name (needs ``cepo[hub]``).
+            adapter: Format adapter: ``generic``, ``gsm8k``, ``math``, ``bbeh_causal``, ``casehold``,
+                ``ifqa``, ``bbeh_arithmetic``, ``cladder``, ``legalbench_causality``, ``logiqa``.
+            split: Split of a hub dataset (``train``, ``test``, ...).
+            question_field: Question column for the ``generic`` adapter.
+            answer_field: Answer column for the ``generic`` adapter.
+            on_error: ``raise`` on a malformed row (the error names file and row) or ``skip`` it and
+                count it (logged as ``data/<name>/skipped``).
+            limit: Keep only the first ``limit`` examples.
+            name: Name in logs (default: the file stem or dataset name).
+        """
+        super().__init__(name=name, limit=limit)
+        self.path, self.adapter, self.split = path, adapter, split
+        self.question_field, self.answer_field, self.on_error = question_field, answer_field, on_error
+
+    def default_name(self) -> str:
+        return Path(self.path).stem if Path(self.path).suffix else self.path.rstrip("/").split("/")[-1]
+
+    def _load(self) -> list[Example]:
+        from cepo.data.datasets import load_examples
+
+        loaded = load_examples(
+            self.path, self.adapter, split=self.split, question_field=self.question_field,
+            answer_field=self.answer_field, on_error=self.on_error,
+        )
+        self.skipped = loaded.skipped
+        if loaded.skipped:
+            rank_zero_warn(f"{self.name}: skipped {loaded.skipped} malformed rows of {self.path} (on_error=skip)")
+        return list(loaded.examples)
+
+
+class PaperMix(DatasetSource):
+    """The CE-PO authors' training mixture: four sources, ``per_source`` items each, 80/20 split per source."""
+
+    def __init__(
+        self,
+        root: str,
+        part: str = "train",
+        per_source: int = 200,
+        val_fraction: float = 0.2,
+        seed: int = 42,
+        name: str | None = None,
+    ) -> None:
+        """
+        Args:
+            root: Folder holding the four training files (``bbeh_causal_understanding.json``, ...).
+            part: ``train`` or ``val`` side of the per-source split.
+            per_source: Items drawn from each source.
+            val_fraction: Fraction of each source held out for validation.
+            seed: Seed of the per-source split (the authors used 42).
+            name: Name in logs (default ``paper_mix_<part>``).
+        """
+        super().__init__(name=name)
+        if part not in ("train", "val"):
+            raise ValueError(f"PaperMix.part must be 'train' or 'val', got {part!r}")
+        self.root, self.part, self.per_source, self.val_fraction, self.seed = root, part, per_source, val_fraction, seed
+
+    def default_name(self) -> str:
+        return f"paper_mix_{self.part}"
+
+    def _load(self) -> list[Example]:
+        from cepo.data.datasets import paper_training_mix
+
+        train, val = paper_training_mix(self.root, self.per_source, self.val_fraction, self.seed)
+        return train if self.part == "train" else val

@@ -1,0 +1,143 @@
+"""Evaluation metrics per dataset, as a torchmetrics ``Metric`` (synchronised across devices).
+
+One :class:`EvalMetrics` per evaluation source accumulates per-completion facts and computes:
+
+- ``accuracy``: answer Y matches a gold answer (greedy decoding: pass@1);
+- ``format_rate``: the completion marks its answer; ``truncation_rate``; ``mean_length`` in tokens;
+- ``faithful_rate``: among completions whose rationale derives a checkable value (arithmetic), the
+  fraction whose answer equals it; ``unfaithful_right_rate``: among right answers with a checkable
+  rationale, the fraction whose rationale derived something else (right for an unstated reason);
+- ``cue_copy_rate`` where examples carry a cue (the shortcut task): the answer equals the cue;
+- ``correlation_accuracy`` where examples are tagged ``meta["query_type"] == "correlation"`` (CLadder's
+  correlation-vs-causation questions), and ``pair_consistency``: among pairs of examples that share a
+  ``meta["pair_id"]`` (same context, opposite questions), the fraction answered right on both sides;
+- ``coherence_zx``/``coherence_xy``/``coherence_zy``: mean channel scores when the coherence callback
+  scores evaluation rollouts.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torchmetrics import Metric
+
+from cepo.evaluation.faithfulness import is_faithful
+from cepo.rewards.matching import answers_match, normalize_number
+
+_SUMS = (
+    "n", "correct", "marker", "length", "truncated", "checkable", "faithful", "right_checkable",
+    "right_unfaithful", "cue_items", "cue_copied", "corr_items", "corr_correct",
+    "coh_n", "coh_zx", "coh_xy", "coh_zy",
+)
+
+
+def _pair_key(pair_id) -> int:
+    return zlib.crc32(str(pair_id).encode()) & 0x7FFFFFFF
+
+
+class EvalMetrics(Metric):
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in _SUMS:
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("pair_keys", default=[], dist_reduce_fx="cat")
+        self.add_state("pair_correct", default=[], dist_reduce_fx="cat")
+
+    def update(self, rollout) -> None:
+        """Accumulate one evaluation rollout (one completion per example)."""
+        lengths = rollout.completion_mask.sum(-1).cpu()
+        pair_keys, pair_correct = [], []
+        add = {name: 0.0 for name in _SUMS}
+        for i, (ex, answer, rationale) in enumerate(zip(rollout.examples, rollout.answers, rollout.rationales)):
+            right = answers_match(answer, ex.gold, ex.answer_kind, options=ex.meta.get("options"))
+            add["n"] += 1
+            add["correct"] += right
+            add["marker"] += bool(rollout.marker_found[i])
+            add["length"] += float(lengths[i])
+            add["truncated"] += bool(rollout.truncated[i])
+            faithful = is_faithful(normalize_number(answer), rationale)
+            if faithful is not None:
+                add["checkable"] += 1
+                add["faithful"] += faithful
+                if right:
+                    add["right_checkable"] += 1
+                    add["right_unfaithful"] += not faithful
+            if "cue" in ex.meta:
+                add["cue_items"] += 1
+                add["cue_copied"] += answers_match(answer, str(ex.meta["cue"]), "number")
+            if ex.meta.get("query_type") == "correlation":
+                add["corr_items"] += 1
+                add["corr_correct"] += right
+            if ex.meta.get("pair_id") is not None:
+                pair_keys.append(_pair_key(ex.meta["pair_id"]))
+                pair_correct.append(float(right))
+        if "coherence_zx" in rollout.rewards:
+            add["coh_n"] += len(rollout)
+            for channel in ("zx", "xy", "zy"):
+                add[f"coh_{channel}"] += float(rollout.rewards[f"coherence_{channel}"].sum())
+        for name, value in add.items():
+            setattr(self, name, getattr(self, name) + value)
+        if pair_keys:
+            self.pair_keys.append(torch.tensor(pair_keys, dtype=torch.long, device=self.device))
+            self.pair_correct.append(torch.tensor(pair_correct, dtype=torch.float64, device=self.device))
+
+    def compute(self) -> dict[str, float]:
+        def ratio(num, den):
+            return float(num / den) if float(den) > 0 else float("nan")
+
+        out = {
+            "n": float(self.n),
+            "accuracy": ratio(self.correct, self.n),
+            "format_rate": ratio(self.marker, self.n),
+            "truncation_rate": ratio(self.truncated, self.n),
+            "mean_length": ratio(self.length, self.n),
+        }
+        if float(self.checkable) > 0:
+            out["faithful_rate"] = ratio(self.faithful, self.checkable)
+            out["unfaithful_right_rate"] = ratio(self.right_unfaithful, self.right_checkable) if float(self.right_checkable) else 0.0
+        if float(self.cue_items) > 0:
+            out["cue_copy_rate"] = ratio(self.cue_copied, self.cue_items)
+        if float(self.corr_items) > 0:
+            out["correlation_accuracy"] = ratio(self.corr_correct, self.corr_items)
+        keys = self.pair_keys if isinstance(self.pair_keys, torch.Tensor) else (
+            torch.cat(self.pair_keys) if self.pair_keys else None)
+        if keys is not None and keys.numel():
+            correct = self.pair_correct if isinstance(self.pair_correct, torch.Tensor) else torch.cat(self.pair_correct)
+            out["pair_consistency"] = pair_consistency(keys, correct)
+        if float(self.coh_n) > 0:
+            for channel in ("zx", "xy", "zy"):
+                out[f"coherence_{channel}"] = ratio(getattr(self, f"coh_{channel}"), self.coh_n)
+        return out
+
+
+def pair_consistency(keys: torch.Tensor, correct: torch.Tensor) -> float:
+    """Fraction of complete pairs (keys seen exactly twice) with both members right; NaN if none."""
+    both, complete = 0, 0
+    for key in torch.unique(keys):
+        members = correct[keys == key]
+        if members.numel() == 2:
+            complete += 1
+            both += bool(members.min() > 0.5)
+    return both / complete if complete else float("nan")
+
+
+def format_table(stage: str, results: dict[str, dict[str, float]], step: int | None = None) -> str:
+    """A plain-text table, one row per dataset, the columns any dataset reported."""
+    columns: list[str] = []
+    for values in results.values():
+        columns += [c for c in values if c not in columns]
+    title = f"{stage} results" + (f" (rollout step {step})" if step is not None else "")
+    width = max([len("dataset")] + [len(name) for name in results])
+    header = "dataset".ljust(width) + "".join(f"  {c:>{max(8, len(c))}}" for c in columns)
+    lines = [title, header, "-" * len(header)]
+    for name, values in results.items():
+        cells = []
+        for c in columns:
+            value = values.get(c)
+            text = "" if value is None else (f"{int(value)}" if c == "n" else f"{value:.3f}")
+            cells.append(f"  {text:>{max(8, len(c))}}")
+        lines.append(name.ljust(width) + "".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""Loading a Hugging Face causal LM and its tokenizer, and wrapping it with LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+EMBEDDED_PREFIX = "embedded:"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+REFERENCE_ADAPTER = "reference"
+_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (Hu et al. 2021), passed to ``peft.LoraConfig``."""
+
+    r: int = 16
+    """Rank of the low-rank update."""
+    alpha: float = 32.0
+    """Scaling numerator: the update is multiplied by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input. Non-zero dropout makes the first policy ratio of a step differ from 1."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or ``"all-linear"`` for every linear layer except the LM head."""
+
+
+@dataclass
+class PolicyConfig:
+    """Which network to fine-tune and how to load it."""
+
+    name_or_path: str = "embedded:tiny-shortcut-llama"
+    """A hub id (``Qwen/Qwen2.5-0.5B-Instruct``), a local folder, or ``embedded:NAME`` for a model
+    shipped inside the package (``embedded:tiny-shortcut-llama``)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when ``name_or_path`` is a hub id."""
+    adapter_path: str | None = None
+    """Start from an existing LoRA adapter (a PEFT folder). Its frozen copy becomes the reference model."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings for a new adapter (ignored when ``adapter_path`` is set)."""
+    dtype: str = "float32"
+    """Storage dtype of the base weights: ``float32``, ``bfloat16``, ``float16`` or ``auto``. Keep float32
+    with ``*-mixed`` precision; use bfloat16 with ``bf16-true``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (non-reentrant, works with frozen PEFT bases)."""
+    attn_implementation: str | None = None
+    """``eager``, ``sdpa`` or ``flash_attention_2``; None lets transformers choose."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository (only for models you trust)."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``embedded:NAME`` to the packaged folder; leave hub ids and paths unchanged."""
+    if not name_or_path.startswith(EMBEDDED_PREFIX):
+        return name_or_path
+    name = name_or_path[len(EMBEDDED_PREFIX) :]
+    path = ASSETS_DIR / name
+    if not (path / "config.json").is_file():
+        available = sorted(p.name for p in ASSETS_DIR.iterdir() if (p / "config.json").is_file())
+        raise FileNotFoundError(
+            f"embedded model {name!r} not found in {ASSETS_DIR} (available: {available}). "
+            "Rebuild the default one with `python -m cepo.assets.build_tiny_model`."
+        )
+    return str(path)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_tokenizer(config: PolicyConfig):
+    path = resolve_model_path(config.name_or_path)
+    tokenizer = _from_pretrained(AutoTokenizer, path, config, "tokenizer")
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked out; reusing EOS is the usual choice for decoder-only models.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {config.name_or_path!r} has no EOS token; generation needs one to stop")
+    return tokenizer
+
+
+def _from_pretrained(cls, path: str, config: PolicyConfig, what: str, **kwargs):
+    if _looks_like_path(path) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(
+            f"policy.name_or_path={config.name_or_path!r}: no such folder. Give an existing local folder "
+            "or a hub id such as Qwen/Qwen2.5-0.5B-Instruct."
+        )
+    try:
+        return cls.from_pretrained(
+            path, revision=config.revision, trust_remote_code=config.trust_remote_code, **kwargs
+        )
+    except OSError as err:
+        raise OSError(
+            f"could not load the {what} of policy.name_or_path={config.name_or_path!r}: {err}. "
+            "Check the hub id or folder; offline machines need a local folder (or HF_HUB_OFFLINE=1 with "
+            "a filled cache)."
+        ) from err
+
+
+def load_policy(config: PolicyConfig) -> tuple[PeftModel, bool]:
+    """The LoRA-wrapped policy and whether it carries a frozen ``reference`` adapter.
+
+    Only LoRA weights are trainable. With ``adapter_path`` the adapter is loaded twice: once trainable
+    (``default``) and once frozen (``reference``), because disabling a starting adapter would give the
+    base model, which is the wrong reference for a run that starts from fine-tuned weights.
+    """
+    if config.dtype not in _DTYPES:
+        raise ValueError(f"policy.dtype={config.dtype!r}; choose one of {sorted(_DTYPES)}")
+    path = resolve_model_path(config.name_or_path)
+    kwargs = {"dtype": _DTYPES[config.dtype]}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    base = _from_pretrained(AutoModelForCausalLM, path, config, "model", **kwargs)
+    if config.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False  # training forward passes; generation turns the cache back on
+    if config.adapter_path:
+        adapter = Path(config.adapter_path).expanduser()
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"policy.adapter_path={config.adapter_path!r} holds no adapter_config.json; point it at a "
+                "folder written by PeftModel.save_pretrained (cepo writes one under <log_dir>/adapter)."
+            )
+        policy = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+        policy.load_adapter(str(adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        policy.set_adapter("default")
+        has_reference = True
+    else:
+        lora = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        policy = get_peft_model(base, lora)
+        has_reference = False
+    for name, param in policy.named_parameters():
+        param.requires_grad_(".default." in name and "lora_" in name)
+    return policy, has_reference
