@@ -84,3 +84,14 @@ def test_draw_counterfactuals_is_seeded_and_per_text():
     assert other[1] == first[1]
     assert draw_counterfactuals(texts_, WordShuffle(), 0) == [[], [], []]
     assert set(COUNTERFACTUALS) == {"word_shuffle", "number_replace", "word_dropout"}
+
+
+def test_word_shuffle_never_returns_the_original_order_when_another_exists():
+    import random as _random
+
+    from cepo.coherence.counterfactuals import WordShuffle
+
+    shuffle = WordShuffle()
+    rng = _random.Random(0)
+    assert all(shuffle("7+5=12; 12-3=9;", rng) == "12-3=9; 7+5=12;" for _ in range(50))
+    assert shuffle("same same", rng) == "same same"  # one distinct word: nothing to permute
