@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from cepo.data.datamodule import PromptDataModule
+from cepo.training.checkpointing import LatestCheckpoint
 from cepo.training.module import CEPOModule
 
 
@@ -25,10 +26,11 @@ class CEPOCLI(LightningCLI):
         parser.set_defaults({
             "checkpoint.monitor": "val/accuracy",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
+            "checkpoint.save_last": False,  # LatestCheckpoint keeps last.ckpt current
             "checkpoint.filename": "step{rollout_step:.0f}-acc{val/accuracy:.3f}",
             "checkpoint.auto_insert_metric_name": False,
         })
+        parser.add_lightning_class_args(LatestCheckpoint, "latest_checkpoint")
 
     def before_fit(self) -> None:
         self._check_trainer()

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from lightning import Callback
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -72,3 +73,33 @@ def test_fit_then_validate(tmp_path, checkpointing):
     metrics = val.trainer.callback_metrics
     for split in ("in_distribution", "flipped", "edited"):
         assert 0.0 <= float(metrics[f"val/{split}/accuracy"]) <= 1.0
+
+
+@pytest.mark.slow
+def test_resume_continues_counters_and_data_stream(tmp_path):
+    first = main(["fit", *small_run_args(tmp_path, "--trainer.max_steps", "2")])
+    ckpt = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    seen: list[int] = []
+
+    class RecordBatches(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch.index)
+
+    import cepo.cli as cli_module
+
+    resumed = cli_module.CEPOCLI(
+        cli_module.CEPOModule, cli_module.PromptDataModule, subclass_mode_model=True, auto_configure_optimizers=False,
+        trainer_defaults={"callbacks": [RecordBatches()], "num_sanity_val_steps": 0, "check_val_every_n_epoch": None,
+                          "max_epochs": -1},
+        args=["fit", *small_run_args(tmp_path, "--trainer.max_steps", "4"), "--ckpt_path", str(ckpt)],
+    )
+    assert seen == [2, 3], "the resumed run must read the stream from where the checkpoint left it"
+    assert resumed.model.rollout_step == 4 and resumed.trainer.global_step == 4
+    state = torch.load(Path(resumed.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["cepo"]["rollout_step"] == 4
+    assert state["PromptDataModule"]["next_batch"] == 4
+
+
+def test_batch_arithmetic_is_checked_with_a_readable_message(tmp_path):
+    with pytest.raises(ValueError, match="prompts_per_step.*group_size.*mini_batch_size"):
+        main(["fit", *small_run_args(tmp_path, "--model.init_args.mini_batch_size", "5")])

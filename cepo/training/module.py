@@ -132,6 +132,8 @@ class CEPOModule(LightningModule):
         self.tokenizer = None
         self.has_reference_adapter = False
         self.rollout_step = 0  # rollouts trained on; the data position and seeds derive from it
+        self._optimizer_steps = 0
+        self._steps_this_rollout = 0
         self._eval_metrics: dict[str, EvalMetrics] = {}
         self._pending_rng: dict | None = None
 
@@ -201,12 +203,12 @@ class CEPOModule(LightningModule):
                 yield self.policy
             finally:
                 self.policy.set_adapter("default")
-                self._freeze_non_default()
+                self.freeze_inactive_adapters()
         else:
             with self.policy.disable_adapter():
                 yield self.policy
 
-    def _freeze_non_default(self) -> None:
+    def freeze_inactive_adapters(self) -> None:
         # set_adapter() toggles requires_grad per adapter; keep only the trained adapter trainable.
         for name, param in self.policy.named_parameters():
             if "lora_" in name:
@@ -326,6 +328,7 @@ class CEPOModule(LightningModule):
         rewards = self.score_rollout(rollout)
         times["time/score_s"] = time.perf_counter() - start
         start = time.perf_counter()
+        self._steps_this_rollout = 0
         stats = self.update(rollout, rewards.to(self.device))
         times["time/update_s"] = time.perf_counter() - start
         self.rollout_step += 1
@@ -333,6 +336,22 @@ class CEPOModule(LightningModule):
 
     def update(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError
+
+    def _count_rollout_as_one_step(self) -> None:
+        """Make ``trainer.global_step`` count rollouts, not optimiser steps.
+
+        In manual optimisation Lightning advances ``global_step`` on every ``optimizer.step()``, while
+        ``val_check_interval`` counts batches; with several mini-batches or iterations per rollout the two
+        would drift apart and ``max_steps`` would mean a different thing for GRPO and PPO. One step is one
+        rollout everywhere in cepo (``train/optimizer_steps`` logs the other count). Called after each
+        optimiser step, so the counter never overshoots mid-rollout.
+        """
+        self._optimizer_steps += 1
+        self._steps_this_rollout += 1
+        if self._steps_this_rollout > 1:
+            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total
+            progress.ready -= 1
+            progress.completed -= 1
 
     def rollout_tensors(self, rollout: Rollout, rows=slice(None)):
         return (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
@@ -362,6 +381,7 @@ class CEPOModule(LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        self._count_rollout_as_one_step()
         return grad_norm
 
     def _grad_norm(self) -> float:
@@ -383,6 +403,7 @@ class CEPOModule(LightningModule):
         metrics["completion/truncated"] = float(rollout.truncated.float().mean())
         metrics["completion/marker_found"] = float(rollout.marker_found.float().mean())
         metrics["lr"] = float(self.lr_schedulers().get_last_lr()[0])
+        metrics["optimizer_steps"] = float(self._optimizer_steps)
         metrics.update({k: float(v) for k, v in rollout.stats.items()})
         metrics.update({k: float(v) for k, v in stats.items()})
         values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
@@ -497,6 +518,7 @@ class CEPOModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cepo"] = {
             "rollout_step": self.rollout_step,
+            "optimizer_steps": self._optimizer_steps,
             "algorithm": self.algorithm,
             "rng": _rng_state(),
             **self.extra_checkpoint_state(),
@@ -511,6 +533,7 @@ class CEPOModule(LightningModule):
                 f"checkpoint was written by algorithm {state.get('algorithm')!r}, this run is {self.algorithm!r}"
             )
         self.rollout_step = int(state["rollout_step"])
+        self._optimizer_steps = int(state.get("optimizer_steps", 0))
         self._pending_rng = state.get("rng")
         self.load_extra_checkpoint_state(state)
 
