@@ -1,12 +1,15 @@
 """cepo: Causally-Enhanced Policy Optimization (CE-PO) as a PyTorch Lightning template."""
 
+from cepo.coherence.scorer import CoherenceScorer
 from cepo.data.datamodule import PromptDataModule
 from cepo.data.sources import DatasetSource, FileDataset, PaperMix, ShortcutTask
 from cepo.rewards.base import AccuracyReward, FormatReward, RewardFunction
+from cepo.training.coherence_callback import CoherenceRewardCallback
 from cepo.training.module import CEPOModule, GRPO
+from cepo.training.ppo import PPO
 
 __all__ = [
-    "AccuracyReward", "CEPOModule", "DatasetSource", "FileDataset", "FormatReward", "GRPO", "PaperMix",
+    "AccuracyReward", "CEPOModule", "CoherenceRewardCallback", "CoherenceScorer", "DatasetSource", "FileDataset", "FormatReward", "GRPO", "PaperMix", "PPO",
     "PromptDataModule", "RewardFunction", "ShortcutTask",
 ]
 __version__ = "0.1.0"
