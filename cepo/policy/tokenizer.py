@@ -13,6 +13,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+# A minimal chat template, so configs written for instruct models (use_chat_template: true) also run on
+# the embedded model in tests. The model was not trained on it; it exists to exercise the code path.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
 TAG_TOKENS = ("<answer>", "</answer>")
 
 
@@ -34,4 +40,5 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
     )
     tokenizer.add_tokens(list(TAG_TOKENS))
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
