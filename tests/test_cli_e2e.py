@@ -103,3 +103,17 @@ def test_resume_continues_counters_and_data_stream(tmp_path):
 def test_batch_arithmetic_is_checked_with_a_readable_message(tmp_path):
     with pytest.raises(ValueError, match="prompts_per_step.*group_size.*mini_batch_size"):
         main(["fit", *small_run_args(tmp_path, "--model.init_args.mini_batch_size", "5")])
+
+
+@pytest.mark.slow
+def test_validate_with_several_samples_reports_mean_accuracy_and_pass_at_n(tmp_path):
+    cli = main(["validate", *small_run_args(tmp_path), "--model.init_args.eval_num_samples", "3",
+                "--model.init_args.generation.eval_temperature", "1.0"])
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["val/flipped/n"]) == 24  # 8 prompts x 3 samples
+    assert float(metrics["val/flipped/pass_at_n"]) >= float(metrics["val/flipped/accuracy"]) - 1e-9
+
+
+def test_several_greedy_samples_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="eval_temperature"):
+        main(["validate", *small_run_args(tmp_path), "--model.init_args.eval_num_samples", "3"])

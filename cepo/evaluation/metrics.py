@@ -2,7 +2,8 @@
 
 One :class:`EvalMetrics` per evaluation source accumulates per-completion facts and computes:
 
-- ``accuracy``: answer Y matches a gold answer (greedy decoding: pass@1);
+- ``accuracy``: answer Y matches a gold answer (greedy decoding: pass@1; with n samples per prompt the
+  mean over samples, and ``pass_at_n``: the fraction of prompts with at least one right sample);
 - ``format_rate``: the completion marks its answer; ``truncation_rate``; ``mean_length`` in tokens;
 - ``faithful_rate``: among completions whose rationale derives a checkable value (arithmetic), the
   fraction whose answer equals it; ``unfaithful_right_rate``: among right answers with a checkable
@@ -28,7 +29,7 @@ from cepo.rewards.matching import answers_match, normalize_number
 _SUMS = (
     "n", "correct", "marker", "length", "truncated", "checkable", "faithful", "right_checkable",
     "right_unfaithful", "cue_items", "cue_copied", "corr_items", "corr_correct",
-    "coh_n", "coh_zx", "coh_xy", "coh_zy",
+    "coh_n", "coh_zx", "coh_xy", "coh_zy", "groups", "groups_any_correct",
 )
 
 
@@ -49,10 +50,12 @@ class EvalMetrics(Metric):
     def update(self, rollout) -> None:
         """Accumulate one evaluation rollout (one completion per example)."""
         lengths = rollout.completion_mask.sum(-1).cpu()
+        rights: list[bool] = []
         pair_keys, pair_correct = [], []
         add = {name: 0.0 for name in _SUMS}
         for i, (ex, answer, rationale) in enumerate(zip(rollout.examples, rollout.answers, rollout.rationales)):
             right = answers_match(answer, ex.gold, ex.answer_kind, options=ex.meta.get("options"))
+            rights.append(right)
             add["n"] += 1
             add["correct"] += right
             add["marker"] += bool(rollout.marker_found[i])
@@ -74,6 +77,10 @@ class EvalMetrics(Metric):
             if ex.meta.get("pair_id") is not None:
                 pair_keys.append(_pair_key(ex.meta["pair_id"]))
                 pair_correct.append(float(right))
+        if rollout.group_size > 1:  # n samples per prompt, consecutive rows
+            for start in range(0, len(rights), rollout.group_size):
+                add["groups"] += 1
+                add["groups_any_correct"] += any(rights[start : start + rollout.group_size])
         if "coherence_zx" in rollout.rewards:
             add["coh_n"] += len(rollout)
             for channel in ("zx", "xy", "zy"):
@@ -95,6 +102,8 @@ class EvalMetrics(Metric):
             "truncation_rate": ratio(self.truncated, self.n),
             "mean_length": ratio(self.length, self.n),
         }
+        if float(self.groups) > 0:
+            out["pass_at_n"] = ratio(self.groups_any_correct, self.groups)
         if float(self.checkable) > 0:
             out["faithful_rate"] = ratio(self.faithful, self.checkable)
             out["unfaithful_right_rate"] = ratio(self.right_unfaithful, self.right_checkable) if float(self.right_checkable) else 0.0

@@ -92,6 +92,7 @@ class CEPOModule(LightningModule):
         micro_batch_size: int = 8,
         num_iterations: int = 1,
         completions_to_log: int = 4,
+        eval_num_samples: int = 1,
     ) -> None:
         """
         Args:
@@ -109,6 +110,9 @@ class CEPOModule(LightningModule):
                 mini-batch; also the chunk size of the no-grad log-prob passes).
             num_iterations: Passes over each rollout (mu in GRPO, PPO epochs), reusing stored old log-probs.
             completions_to_log: Completions written to TensorBoard as text per logged step (0 = none).
+            eval_num_samples: Completions per prompt in validation/test. 1 with ``eval_temperature`` 0 is
+                greedy pass@1; n > 1 (needs ``generation.eval_temperature`` > 0) reports ``accuracy`` as
+                the mean over n samples and ``pass_at_n`` as the fraction of prompts with any right one.
         """
         super().__init__()
         self.automatic_optimization = False
@@ -123,6 +127,7 @@ class CEPOModule(LightningModule):
         self.micro_batch_size = micro_batch_size
         self.num_iterations = num_iterations
         self.completions_to_log = completions_to_log
+        self.eval_num_samples = eval_num_samples
         markers = [self.prompt.marker] + [m for m in self.prompt.parse_markers if m != self.prompt.marker]
         self.parser = AnswerParser(markers)
         self._check_static_options()
@@ -144,6 +149,13 @@ class CEPOModule(LightningModule):
             raise ValueError(f"model.rewards has duplicate names {names}; set `name` on each reward")
         if self.group_size < 1 or self.micro_batch_size < 1 or self.num_iterations < 1:
             raise ValueError("model.group_size, model.micro_batch_size and model.num_iterations must be >= 1")
+        if self.eval_num_samples < 1:
+            raise ValueError("model.eval_num_samples must be >= 1")
+        if self.eval_num_samples > 1 and self.generation.eval_temperature <= 0:
+            raise ValueError(
+                f"model.eval_num_samples={self.eval_num_samples} samples identical greedy completions; set "
+                "model.generation.eval_temperature > 0 (e.g. 0.6) or eval_num_samples to 1"
+            )
         if not math.isfinite(self.reward_p) and abs(self.reward_p) != math.inf:
             raise ValueError("model.reward_p must be a number (inf and -inf are allowed)")
 
@@ -268,7 +280,7 @@ class CEPOModule(LightningModule):
     def make_rollout(self, batch: PromptBatch, stage: str) -> Rollout:
         """Generate completions for the batch's prompts and parse them into X and Y."""
         train = stage == "train"
-        group = self.group_size if train else 1
+        group = self.group_size if train else self.eval_num_samples
         prompts = self.render_prompts(batch.examples)
         gen = self.generation
         generated = generate_completions(
