@@ -688,9 +688,12 @@ def load_examples(
     if source is None:
         source = adapter if adapter != "generic" else _source_name(path_or_name)
     records = load_records(path_or_name, split, config_name=config_name)
-    examples, skipped = ADAPTERS[adapter](
-        records, source=source, on_error=on_error, question_field=question_field, answer_field=answer_field
-    )
+    try:
+        examples, skipped = ADAPTERS[adapter](
+            records, source=source, on_error=on_error, question_field=question_field, answer_field=answer_field
+        )
+    except ValueError as err:  # name the file, not only the adapter and row
+        raise ValueError(f"{path_or_name}: {err}") from None
     return LoadedDataset(sample_examples(examples, limit, seed), skipped, source)
 
 

@@ -92,6 +92,7 @@ class FileDataset(DatasetSource):
         on_error: str = "raise",
         limit: int | None = None,
         name: str | None = None,
+        config_name: str | None = None,
     ) -> None:
         """
         Args:
@@ -102,13 +103,16 @@ class FileDataset(DatasetSource):
             question_field: Question column for the ``generic`` adapter.
             answer_field: Answer column for the ``generic`` adapter.
             on_error: ``raise`` on a malformed row (the error names file and row) or ``skip`` it and
-                count it (logged as ``data/<name>/skipped``).
-            limit: Keep only the first ``limit`` examples.
+                count it (a warning at load, and ``skipped`` in the dataset's evaluation results).
+            limit: Keep only the first ``limit`` examples (file order, so CLadder's adjacent pairs stay
+                together).
             name: Name in logs (default: the file stem or dataset name).
+            config_name: Configuration of a hub dataset (GSM8K on the hub needs ``main``).
         """
         super().__init__(name=name, limit=limit)
         self.path, self.adapter, self.split = path, adapter, split
         self.question_field, self.answer_field, self.on_error = question_field, answer_field, on_error
+        self.config_name = config_name
 
     def default_name(self) -> str:
         return Path(self.path).stem if Path(self.path).suffix else self.path.rstrip("/").split("/")[-1]
@@ -118,7 +122,7 @@ class FileDataset(DatasetSource):
 
         loaded = load_examples(
             self.path, self.adapter, split=self.split, question_field=self.question_field,
-            answer_field=self.answer_field, on_error=self.on_error,
+            answer_field=self.answer_field, on_error=self.on_error, config_name=self.config_name,
         )
         self.skipped = loaded.skipped
         if loaded.skipped:

@@ -11,7 +11,8 @@ One :class:`EvalMetrics` per evaluation source accumulates per-completion facts 
 - ``cue_copy_rate`` where examples carry a cue (the shortcut task): the answer equals the cue;
 - ``correlation_accuracy`` where examples are tagged ``meta["query_type"] == "correlation"`` (CLadder's
   correlation-vs-causation questions), and ``pair_consistency``: among pairs of examples that share a
-  ``meta["pair_id"]`` (same context, opposite questions), the fraction answered right on both sides;
+  ``meta["pair_id"]`` (same context, opposite questions), the fraction answered right on both sides
+  (with several samples per prompt, the first sample of each);
 - ``coherence_zx``/``coherence_xy``/``coherence_zy``: mean channel scores when the coherence callback
   scores evaluation rollouts.
 """
@@ -74,7 +75,7 @@ class EvalMetrics(Metric):
             if ex.meta.get("query_type") == "correlation":
                 add["corr_items"] += 1
                 add["corr_correct"] += right
-            if ex.meta.get("pair_id") is not None:
+            if ex.meta.get("pair_id") is not None and i % rollout.group_size == 0:  # first sample only
                 pair_keys.append(_pair_key(ex.meta["pair_id"]))
                 pair_correct.append(float(right))
         if rollout.group_size > 1:  # n samples per prompt, consecutive rows

@@ -476,6 +476,11 @@ class CEPOModule(LightningModule):
 
     def _eval_end(self, stage: str) -> dict[str, dict[str, float]]:
         results = {name: metric.compute() for name, metric in self._eval_metrics.items()}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        sources = getattr(datamodule, "test_sources" if stage == "test" else "val_sources", [])
+        for source in sources:  # malformed rows skipped at load (on_error: skip), so no one misses them
+            if source.name in results and source.skipped:
+                results[source.name]["skipped"] = float(source.skipped)
         flat = {}
         for name, values in results.items():
             for key, value in values.items():
