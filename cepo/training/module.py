@@ -9,6 +9,7 @@ cannot express.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -458,11 +459,11 @@ class CEPOModule(LightningModule):
 
     def _eval_step(self, batch: PromptBatch) -> None:
         rollout = self.make_rollout(batch, "eval")
-        rollout.stage = "eval"
         self.score_rollout_for_eval(rollout)
         self._eval_metrics[batch.source].update(rollout)
 
     def score_rollout_for_eval(self, rollout: Rollout) -> None:
+        """Reward terms for logging only (no fusion, no update); callbacks decide whether to score."""
         for fn in self.reward_functions:
             rollout.add_reward(fn.name, fn(rollout), fn.weight)
         for callback in self._reward_callbacks():
@@ -500,8 +501,6 @@ class CEPOModule(LightningModule):
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         path = Path(log_dir) / f"{stage}_results.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        import json
-
         with path.open("a") as handle:
             for name, values in results.items():
                 handle.write(json.dumps({"stage": stage, "dataset": name, "rollout_step": self.rollout_step, **values}) + "\n")
