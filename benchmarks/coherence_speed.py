@@ -2,16 +2,19 @@
 
 The per-sample loop is how the method's authors ran it: one sequence at a time (the base and every
 counterfactual), a full forward with logits over every position, two backward passes each. The batched
-scorer packs all ``1 + 2K`` sequences of all rollouts into padded micro-batches, applies the LM head to
-the scored positions only and gets every row's gradients from two vector-Jacobian products per pass.
+scorer packs the base and shuffled-prompt sequences of all rollouts into padded micro-batches, applies the
+LM head to the scored positions only and gets every row's gradients from two vector-Jacobian products per
+pass; the shuffled-rationale sequences, which need only G_Y at their rationale rows, run just their
+``[X~] <eos> [Y]`` suffix after a cached, gradient-free pass over the prompt prefix, with one VJP.
 Both score the same rollouts with the same counterfactual texts, and the script checks they agree.
 
-    python benchmarks/coherence_speed.py --rollouts 16 --k 4 --repeats 3 --threads 2
+    python benchmarks/coherence_speed.py --rollouts 16 --k 4 --repeats 5 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -104,24 +107,33 @@ def score_per_sample(model, tokenizer, prompts, rationales, answers, cf_prompts,
 # ---------------------------------------------------------------------- main
 
 
-def timed(fn, repeats):
-    times, result = [], None
+def load_average() -> float:
+    """The 1-minute load average (other work on the machine skews the timings); NaN where unknown."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def timed(fns, repeats):
+    """Median wall time and last result of each function; the repeats alternate between the functions,
+    so that a change in the machine's load during the run hits all of them alike."""
+    times, results = {name: [] for name in fns}, {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rollouts", type=int, default=16, help="rollouts scored per call")
     parser.add_argument("--k", type=int, default=4, help="counterfactuals per source text")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats, alternating (medians reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--micro-batch-size", type=int, default=16, help="sequences per batched pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = load_average()
 
     model, tokenizer, description = load_model()
     items = generate_items("train", args.rollouts, seed=0)
@@ -141,8 +153,9 @@ def main() -> None:
 
     batched()  # warm-up of both paths
     per_sample()
-    t_batched, s_batched = timed(batched, args.repeats)
-    t_loop, s_loop = timed(per_sample, args.repeats)
+    times, scores = timed({"batched": batched, "per_sample": per_sample}, args.repeats)
+    t_batched, t_loop = times["batched"], times["per_sample"]
+    s_batched, s_loop = scores["batched"], scores["per_sample"]
     n_seq = args.rollouts * (1 + 2 * args.k)
     print(f"model: {description}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     print(
@@ -153,6 +166,7 @@ def main() -> None:
     print(f"per-sample loop:  {args.rollouts / t_loop:8.2f} rollouts/s  ({t_loop:.3f} s)")
     print(f"speed-up:         {t_loop / t_batched:8.2f}x")
     print(f"max |score difference|: {float((s_batched - s_loop).abs().max()):.2e}")
+    print(f"1-minute load average: {load_before:.2f} before, {load_average():.2f} after ({os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,49 @@ def test_gradients_match_central_finite_differences(char_tokenizer, monkeypatch)
         assert torch.all(G_X[b, len(ids) :] == 0) and torch.all(G_Y[b, len(ids) :] == 0)
 
 
+def test_cached_prefix_gives_the_full_sequence_gradients(tiny_llama, char_tokenizer):
+    from cepo.coherence.scorer import _RATIONALE_CF, _PrefixCache
+
+    scorer = CoherenceScorer(micro_batch_size=3)  # suffixes of one rollout split across passes
+    cf_p, cf_x = explicit_counterfactuals(k=3)
+    cf_x[0][1] = ""  # an empty shuffled rationale: no rows
+    sequences = scorer._sequences(char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x)
+    shuffled = [seq for seq in sequences if seq.kind == _RATIONALE_CF]
+    eos, pad = char_tokenizer.eos_token_id, char_tokenizer.pad_token_id
+    assert _PrefixCache.build(tiny_llama, [[5, 6, eos], [7, eos]], pad) is not None  # the cached path runs
+    with torch.enable_grad():
+        cached = scorer._rationale_rows(tiny_llama, shuffled, eos, pad)
+        _, G_Y = scorer._gradients(tiny_llama, shuffled, eos, pad)
+    for row, (seq, rows) in enumerate(zip(shuffled, cached)):
+        start = len(seq.z) + 1
+        assert rows.shape == (len(seq.x), G_Y.shape[-1])
+        torch.testing.assert_close(rows, G_Y[row, start : start + len(seq.x)], atol=1e-6, rtol=1e-5)
+    assert any(len(seq.y) == 0 and len(seq.x) > 0 for seq in shuffled)  # zero rows without a pass
+
+
+def tiny_model(family: str, vocab_size: int):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(4)
+    sizes = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "qwen2":  # attention biases and grouped key/value heads
+        return Qwen2ForCausalLM(Qwen2Config(**sizes)).eval()
+    return MistralForCausalLM(MistralConfig(sliding_window=6, **sizes)).eval()  # no cached prefix: full sequences
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral_sliding_window"])
+def test_other_decoder_families_match_the_reference(family, char_tokenizer):
+    from cepo.coherence.scorer import _PrefixCache
+
+    model = tiny_model(family, len(char_tokenizer))
+    cached = _PrefixCache.build(model, [[5, 6, 2]], char_tokenizer.pad_token_id)
+    assert (cached is not None) == (family == "qwen2")
+    cf_p, cf_x = explicit_counterfactuals()
+    result = CoherenceScorer(micro_batch_size=4).score(model, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x)
+    assert_matches_reference(result, model, char_tokenizer, cf_p, cf_x)
+
+
 def test_scores_do_not_depend_on_the_rest_of_the_batch_or_micro_batch_size(tiny_llama, char_tokenizer):
     cf_p, cf_x = explicit_counterfactuals()
     alone = CoherenceScorer(micro_batch_size=1).score(

@@ -2,7 +2,8 @@
 
 For every rollout the scorer builds ``1 + 2K`` sequences ``[Z] <eos> [X] <eos> [Y]`` (the base, K
 shuffled prompts and K shuffled rationales), runs them through the model in padded micro-batches with one
-forward and two vector-Jacobian products per micro-batch, and turns the gradients of the segment
+forward and two vector-Jacobian products per micro-batch (the shuffled rationales run only their suffix
+``[X~] <eos> [Y]`` after a cached prompt prefix, with one VJP), and turns the gradients of the segment
 log-likelihoods with respect to the input embeddings into three channel scores ``S_ZX``, ``S_XY`` and
 ``S_ZY`` (direct) in [floor, 1]. The arithmetic is in :mod:`cepo.coherence.math`; the design reference,
 sections 3 and 4, gives the formulas.
@@ -10,6 +11,7 @@ sections 3 and 4, gives the formulas.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 
 from cepo.coherence import math as cm
 from cepo.coherence.counterfactuals import Counterfactual, WordShuffle, draw_counterfactuals
-from cepo.policy.forward import autocast_off, backbone_and_head, gather_logprobs, hidden_states
+from cepo.policy.forward import autocast_off, backbone_and_head, gather_logprobs, position_ids_from_mask
 
 CHANNELS = ("zx", "xy", "zy")
 
@@ -76,22 +78,10 @@ class CoherenceScorer:
     the scoring network's own dtype: a float32 network gives float32 gradients; a half-precision one is
     scored in half precision and its gradients are upcast for the arithmetic.
 
-    Args:
-        micro_batch_size: Sequences per forward/backward pass; also the most rollouts whose gradients
-            are held at once. Each rollout contributes ``1 + 2K`` sequences (the base, K shuffled prompts,
-            K shuffled rationales); lower it if the pass runs out of memory.
-        num_counterfactuals: K, the counterfactual draws per source text (the authors used 4 for models
-            up to 4B parameters and 1 for 8B). 0 skips the projection (every magnitude is then 1).
-        counterfactual: The generator of counterfactual texts (default: the authors' word shuffle).
-        max_prompt_tokens: Keep at most this many prompt tokens, the last ones (the end of the prompt,
-            next to the completion, carries the question and the generation cue). None: no cap.
-        max_rationale_tokens: Keep at most this many rationale tokens, the last ones (the reasoning that
-            leads into the answer). None: no cap.
-        max_answer_tokens: Keep at most this many answer tokens, the first ones. None: no cap.
-        floor: The lowest score f; scores are ``f + (1 - f) * sqrt(shape * magnitude)``.
-        hardened: False gives the naive, unhardened variant of the reward-hacking study: no
-            counterfactuals, score = ``f + (1 - f) * shape(J_c)``.
-        seed: Base seed of the counterfactual draws; a draw depends on (seed, step, rollout index).
+    Per rollout, the base ``[Z] <eos> [X] <eos> [Y]`` and the K shuffled prompts run with one forward and
+    two vector-Jacobian products; the K shuffled rationales need only G_Y at their X~ rows, so they share
+    one cached, gradient-free pass over the rollout's prompt prefix ``[Z] <eos>`` and run only the suffix
+    ``[X~] <eos> [Y]``. Models with sliding-window attention run full sequences instead.
     """
 
     def __init__(
@@ -106,6 +96,18 @@ class CoherenceScorer:
         hardened: bool = True,
         seed: int = 0,
     ) -> None:
+        """
+        Args:
+            micro_batch_size: Sequences per forward/backward pass, and rollouts whose gradients are held at once.
+            num_counterfactuals: K, draws per prompt and per rationale (authors: 4 up to 4B, 1 for 8B); 0: none.
+            counterfactual: Generator of the counterfactual texts (default: the authors' word shuffle).
+            max_prompt_tokens: Keep at most this many prompt tokens, the last ones (None: no cap).
+            max_rationale_tokens: Keep at most this many rationale tokens, the last ones (None: no cap).
+            max_answer_tokens: Keep at most this many answer tokens, the first ones (None: no cap).
+            floor: Lowest score f: a channel scores ``f + (1 - f) * sqrt(shape * magnitude)``, in [f, 1].
+            hardened: False gives the naive variant of the reward-hacking study: no counterfactuals, no magnitude.
+            seed: Base seed of the counterfactual draws, which depend on (seed, step, rollout index).
+        """
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if num_counterfactuals < 0:
@@ -230,92 +232,150 @@ class CoherenceScorer:
     # ------------------------------------------------------------------ the gradient pass
 
     def _run(self, model, sequences, n, eos, pad, n_z_cf, n_x_cf) -> list[dict[str, Tensor]]:
-        # Rollouts are taken longest first, so a micro-batch holds sequences of similar length, in
-        # chunks of at most micro_batch_size rollouts, so that the gradients kept in flight stay bounded.
-        # Within a chunk the shuffled-rationale sequences run in passes of their own: they need only
-        # G_Y, which saves one of the two backward passes for K of the 1 + 2K sequences.
+        # Rollouts are taken longest first, in chunks of at most micro_batch_size rollouts, so that the
+        # gradients kept in flight stay bounded. Within a chunk, the base and shuffled-prompt sequences run
+        # longest first (little padding) with one forward and two VJPs per pass; the shuffled-rationale
+        # sequences need only G_Y at their X~ rows, so they reuse their rollout's cached prompt prefix and
+        # run only the X~ <eos> Y suffix, with a single VJP.
         by_rollout: list[list[_Sequence]] = [[] for _ in range(n)]
         for seq in sequences:
             by_rollout[seq.rollout].append(seq)
         order = sorted(range(n), key=lambda i: -len(by_rollout[i][0]))
+        weight = model.get_input_embeddings().weight
+        device, d = weight.device, weight.shape[-1]
         results: list[dict[str, Tensor] | None] = [None] * n
         for chunk_start in range(0, n, self.micro_batch_size):
             chunk = order[chunk_start : chunk_start + self.micro_batch_size]
             slices = {i: _Slices() for i in chunk}
             both = [seq for i in chunk for seq in by_rollout[i] if seq.kind != _RATIONALE_CF]
+            for seq in both:  # no rationale and no answer: nothing to differentiate, every gradient is zero
+                if not seq.x and not seq.y:
+                    zeros = torch.zeros((len(seq), d), dtype=torch.float32, device=device)
+                    self._keep(slices[seq.rollout], seq, zeros, zeros)
+            both = sorted((seq for seq in both if seq.x or seq.y), key=len, reverse=True)
+            for start in range(0, len(both), self.micro_batch_size):
+                batch = both[start : start + self.micro_batch_size]
+                G_X, G_Y = self._gradients(model, batch, eos, pad)
+                for row, seq in enumerate(batch):
+                    self._keep(slices[seq.rollout], seq, G_X[row], G_Y[row])
             y_only = [seq for i in chunk for seq in by_rollout[i] if seq.kind == _RATIONALE_CF]
-            for stream in (both, y_only):
-                for start in range(0, len(stream), self.micro_batch_size):
-                    batch = stream[start : start + self.micro_batch_size]
-                    G_X, G_Y = self._gradients(model, batch, eos, pad)
-                    for row, seq in enumerate(batch):
-                        self._keep(slices[seq.rollout], seq, G_X[row] if G_X is not None else None, G_Y[row])
+            for seq, rows in zip(y_only, self._rationale_rows(model, y_only, eos, pad)):
+                slices[seq.rollout].xy_cf[seq.k] = rows
             scores = self._finalize([slices[i] for i in chunk], n_z_cf, n_x_cf)
             for j, i in enumerate(chunk):
                 results[i] = {key: value[j] for key, value in scores.items()}
         return results  # type: ignore[return-value]
 
-    def _gradients(self, model, batch: list[_Sequence], eos: int, pad: int) -> tuple[Tensor | None, Tensor]:
+    def _gradients(self, model, batch: list[_Sequence], eos: int, pad: int) -> tuple[Tensor, Tensor]:
         """``(G_X, G_Y)``, each ``(B, L, d)`` float32: gradients of every row's l_X and l_Y with respect
-        to its input embeddings. l_X is left out for shuffled-rationale rows (their G_X is never used);
-        G_X is None when no row needs it."""
+        to its input embeddings, for full sequences ``[Z] <eos> [X] <eos> [Y]``. l_X is left out for
+        shuffled-rationale rows (their G_X is never used); a VJP that no row needs is skipped and gives
+        zeros."""
         embed = model.get_input_embeddings()
-        _, head = backbone_and_head(model)
         device = embed.weight.device
-        width = max(len(seq) for seq in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        rows, positions, is_y = [], [], []
+        tokens = [seq.z + [eos] + seq.x + [eos] + seq.y for seq in batch]
+        ids, mask = _right_padded(tokens, pad, device)
+        scored = []  # (row, position, is_y): the hidden state at position - 1 scores the token there
         for b, seq in enumerate(batch):
-            tokens = seq.z + [eos] + seq.x + [eos] + seq.y
-            ids[b, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[b, : len(tokens)] = 1
             x_start = len(seq.z) + 1
             y_start = x_start + len(seq.x) + 1
-            n_x = len(seq.x) if seq.kind != _RATIONALE_CF else 0
-            rows += [b] * (n_x + len(seq.y))
-            positions += list(range(x_start, x_start + n_x)) + list(range(y_start, y_start + len(seq.y)))
-            is_y += [False] * n_x + [True] * len(seq.y)
-        ids, mask = ids.to(device), mask.to(device)
-        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=device)
-        is_y_t = torch.tensor(is_y, dtype=torch.bool, device=device)
+            if seq.kind != _RATIONALE_CF:
+                scored += [(b, t, False) for t in range(x_start, x_start + len(seq.x))]
+            scored += [(b, t, True) for t in range(y_start, y_start + len(seq.y))]
+        E = _embedding_leaf(embed, ids)
+        position_ids = position_ids_from_mask(mask)
+        return self._vjps(model, E, ids, mask, position_ids, scored, need_x=True)
 
-        with torch.no_grad():
-            E = embed(ids)
-        E = E.detach().requires_grad_()  # (B, L, d), a leaf: gradients reach it and nothing else
+    def _vjps(self, model, E, ids, mask, position_ids, scored, need_x, cache=None):
+        """Runs the backbone on the leaf embeddings ``E`` (B, L, d) (after a cached prefix, if given),
+        sums the log-probabilities of the scored tokens of each row into l_X and l_Y and returns their
+        gradients ``(G_X, G_Y)`` with respect to ``E`` in float32 (G_X is None unless ``need_x``)."""
+        decoder, head = backbone_and_head(model)
+        device = E.device
+        has_x = any(not is_y for _, _, is_y in scored)
+        has_y = any(is_y for _, _, is_y in scored)
+        G_X = torch.zeros_like(E, dtype=torch.float32) if need_x else None
+        if not (has_y or (need_x and has_x)):
+            return G_X, torch.zeros_like(E, dtype=torch.float32)
+        rows_t = torch.tensor([r for r, _, _ in scored], dtype=torch.long, device=device)
+        pos_t = torch.tensor([t for _, t, _ in scored], dtype=torch.long, device=device)
+        is_y_t = torch.tensor([y for _, _, y in scored], dtype=torch.bool, device=device)
+        kwargs = {"use_cache": False} if cache is None else {cache[0]: cache[1], "use_cache": True}
         with autocast_off(device):
-            hidden = hidden_states(model, mask, inputs_embeds=E)  # (B, L, hidden)
-            l_X = hidden.new_zeros(len(batch), dtype=torch.float32)
-            l_Y = l_X.clone()
-            if rows:
-                # The hidden state at t-1 scores token t; the head runs on these positions alone.
-                logits = head(hidden[rows_t, pos_t - 1])  # (n_scored, vocab)
-                logp = gather_logprobs(logits, ids[rows_t, pos_t])  # (n_scored,)
-                l_X = l_X.index_add(0, rows_t[~is_y_t], logp[~is_y_t])
-                l_Y = l_Y.index_add(0, rows_t[is_y_t], logp[is_y_t])
-        # Rows are independent sequences, so the gradient of the sum is each row's own gradient.
-        need_x = any(seq.kind != _RATIONALE_CF for seq in batch)
-        has_x, has_y = bool((~is_y_t).any()), bool(is_y_t.any())
-        G_X = None
+            out = decoder(inputs_embeds=E, attention_mask=mask, position_ids=position_ids, **kwargs)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            # The hidden state at t-1 scores token t; the head runs on these positions alone.
+            logp = gather_logprobs(head(hidden[rows_t, pos_t - 1]), ids[rows_t, pos_t])  # (n_scored,)
+        # Rows are independent sequences, so the gradient of a sum over rows is each row's own gradient.
         if need_x and has_x:
-            G_X = torch.autograd.grad(l_X.sum(), E, retain_graph=has_y)[0].float()
-        elif need_x:
-            G_X = torch.zeros_like(E, dtype=torch.float32)
-        G_Y = torch.autograd.grad(l_Y.sum(), E)[0] if has_y else torch.zeros_like(E)
-        return G_X, G_Y.float()
+            G_X = torch.autograd.grad(logp[~is_y_t].sum(), E, retain_graph=has_y)[0].float()
+        if not has_y:
+            return G_X, torch.zeros_like(E, dtype=torch.float32)
+        return G_X, torch.autograd.grad(logp[is_y_t].sum(), E)[0].float()
+
+    def _rationale_rows(self, model, seqs: list[_Sequence], eos: int, pad: int) -> list[Tensor]:
+        """``J_XY^(k)`` of each shuffled-rationale sequence: G_Y at its X~ rows, ``(|X~|, d)`` float32.
+
+        The prompt prefix ``[Z] <eos>`` is shared by a rollout's K sequences and no scored gradient is
+        taken with respect to it, so it runs once per rollout without grad and its key/value cache serves
+        the ``[X~] <eos> [Y]`` suffixes, whose embeddings are the gradient leaf. Models whose cache cannot
+        be reused this way (sliding-window or non-standard caches) run the full sequences instead.
+        """
+        embed = model.get_input_embeddings()
+        device, d = embed.weight.device, embed.weight.shape[-1]
+        out: list[Tensor | None] = [None] * len(seqs)
+        work = []
+        for j, seq in enumerate(seqs):
+            if seq.x and seq.y:
+                work.append(j)
+            else:  # no X~ rows, or no answer to depend on them: nothing to compute
+                out[j] = torch.zeros((len(seq.x), d), dtype=torch.float32, device=device)
+        if not work:
+            return out  # type: ignore[return-value]
+        work.sort(key=lambda j: -(len(seqs[j].x) + len(seqs[j].y)))
+        prefixes = {seqs[j].rollout: seqs[j].z + [eos] for j in work}  # one per rollout, in first-seen order
+        prefix_of = {rollout: row for row, rollout in enumerate(prefixes)}
+        prefix = _PrefixCache.build(model, list(prefixes.values()), pad)
+        for start in range(0, len(work), self.micro_batch_size):
+            batch = [seqs[j] for j in work[start : start + self.micro_batch_size]]
+            if prefix is None:
+                _, G_Y = self._gradients(model, batch, eos, pad)
+                offsets = [len(seq.z) + 1 for seq in batch]
+            else:
+                G_Y = self._suffix_gradients(model, prefix, [prefix_of[s.rollout] for s in batch], batch, eos, pad)
+                offsets = [0] * len(batch)
+            for row, (j, off) in enumerate(zip(work[start : start + self.micro_batch_size], offsets)):
+                out[j] = G_Y[row, off : off + len(seqs[j].x)].clone()
+        return out  # type: ignore[return-value]
+
+    def _suffix_gradients(self, model, prefix: _PrefixCache, rows: list[int], batch, eos: int, pad: int) -> Tensor:
+        """G_Y ``(B, S, d)`` float32 over the suffix ``[X~] <eos> [Y]`` of each row, run after row
+        ``rows[b]`` of the cached prefix."""
+        embed = model.get_input_embeddings()
+        device = embed.weight.device
+        ids, suffix_mask = _right_padded([seq.x + [eos] + seq.y for seq in batch], pad, device)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        # Padding rows of the prefix stay masked; positions continue after each row's own prefix.
+        mask = torch.cat([prefix.mask[rows_t], suffix_mask], dim=1)
+        position_ids = prefix.lengths[rows_t, None] + torch.arange(ids.shape[1], device=device)
+        scored = []
+        for b, seq in enumerate(batch):
+            y_start = len(seq.x) + 1
+            scored += [(b, t, True) for t in range(y_start, y_start + len(seq.y))]
+        E = _embedding_leaf(embed, ids)
+        _, G_Y = self._vjps(model, E, ids, mask, position_ids, scored, need_x=False, cache=prefix.select(rows_t))
+        return G_Y
 
     @staticmethod
-    def _keep(store: _Slices, seq: _Sequence, g_x: Tensor | None, g_y: Tensor) -> None:
-        """Copy the rows a rollout needs out of one sequence's gradients (the pass's tensors are freed)."""
+    def _keep(store: _Slices, seq: _Sequence, g_x: Tensor, g_y: Tensor) -> None:
+        """Copy the rows a rollout needs out of one full sequence's gradients (the pass's tensors are
+        freed): the base gives J_ZX, J_ZYtot and J_XY, a shuffled prompt its J_ZX and J_ZYtot."""
         nz, nx = len(seq.z), len(seq.x)
         z_rows, x_rows = slice(0, nz), slice(nz + 1, nz + 1 + nx)  # separator rows are dropped
         if seq.kind == _BASE:
             store.zx, store.zy_total, store.xy = g_x[z_rows].clone(), g_y[z_rows].clone(), g_y[x_rows].clone()
-        elif seq.kind == _PROMPT_CF:
-            store.zx_cf[seq.k], store.zy_total_cf[seq.k] = g_x[z_rows].clone(), g_y[z_rows].clone()
         else:
-            store.xy_cf[seq.k] = g_y[x_rows].clone()
+            store.zx_cf[seq.k], store.zy_total_cf[seq.k] = g_x[z_rows].clone(), g_y[z_rows].clone()
 
     # ------------------------------------------------------------------ scores of finished rollouts
 
@@ -367,6 +427,111 @@ def _keep_last(ids: list[int], cap: int | None) -> list[int]:
     if cap is None or len(ids) <= cap:
         return list(ids)
     return list(ids[len(ids) - cap :])
+
+
+def _right_padded(tokens: list[list[int]], pad: int, device) -> tuple[Tensor, Tensor]:
+    """``(ids, attention mask)``, each ``(B, max length)``, of right-padded token lists."""
+    width = max((len(t) for t in tokens), default=0)
+    ids = torch.full((len(tokens), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(tokens), width), dtype=torch.long)
+    for b, t in enumerate(tokens):
+        ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[b, : len(t)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _embedding_leaf(embed: nn.Module, ids: Tensor) -> Tensor:
+    """The input embeddings of ``ids`` as a fresh leaf that requires grad, so the VJPs stop there and touch
+    no parameter (with LoRA the embedding layer is frozen, so its own output would not require grad)."""
+    with torch.no_grad():
+        E = embed(ids)
+    return E.detach().requires_grad_()
+
+
+@dataclass
+class _PrefixCache:
+    """Key/value states of right-padded prefixes ``[Z] <eos>``, one row per rollout, computed without
+    grad. ``layers``: per decoder layer ``(keys, values)``, each ``(R, heads, P, head_dim)``; ``mask``
+    ``(R, P)``; ``lengths`` ``(R,)``, the real tokens of each row; ``keyword``: the decoder's name for
+    its cache argument (``cache`` in transformers 5, ``past_key_values`` before)."""
+
+    layers: list[tuple[Tensor, Tensor]]
+    mask: Tensor
+    lengths: Tensor
+    keyword: str
+
+    @classmethod
+    def build(cls, model: nn.Module, prefixes: list[list[int]], pad: int) -> _PrefixCache | None:
+        """The cache of ``prefixes``, or None where the model's cache cannot be reused across rows
+        (sliding-window or chunked attention, or a cache that is not a plain dynamic key/value cache)."""
+        decoder, _ = backbone_and_head(model)
+        keyword = _cache_keyword(decoder)
+        if keyword is None or _has_local_attention(getattr(decoder, "config", None)):
+            return None
+        embed = model.get_input_embeddings()
+        device = embed.weight.device
+        ids, mask = _right_padded(prefixes, pad, device)
+        with torch.no_grad(), autocast_off(device):
+            out = decoder(
+                inputs_embeds=embed(ids),
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=True,
+                **{keyword: None},
+            )
+        layers = _plain_key_values(getattr(out, keyword, None))
+        if layers is None:
+            return None
+        return cls(layers, mask, mask.sum(dim=1), keyword)
+
+    def select(self, rows: Tensor) -> tuple[str, object]:
+        """``(keyword, cache)``: a fresh dynamic cache holding prefix row ``rows[b]`` as batch row b."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(self.layers):
+            cache.update(keys[rows], values[rows], layer)
+        return self.keyword, cache
+
+
+def _cache_keyword(decoder: nn.Module) -> str | None:
+    """The name of the decoder's key/value cache argument, or None if it takes none."""
+    try:
+        parameters = inspect.signature(decoder.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    return None
+
+
+def _has_local_attention(config) -> bool:
+    """True if some layer attends to a window or chunk only (its cache would drop prefix positions)."""
+    if config is None:
+        return True
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return True
+    if getattr(config, "attention_chunk_size", None):
+        return True
+    layer_types = getattr(config, "layer_types", None)
+    return bool(layer_types) and any(t != "full_attention" for t in layer_types)
+
+
+def _plain_key_values(cache) -> list[tuple[Tensor, Tensor]] | None:
+    """Per-layer ``(keys, values)`` of a dynamic cache with one full-attention layer entry per decoder
+    layer, or None for any other kind of cache."""
+    if cache is None or type(cache).__name__ != "DynamicCache":
+        return None
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56
+        if any(type(layer).__name__ != "DynamicLayer" or layer.keys is None for layer in layers):
+            return None
+        return [(layer.keys, layer.values) for layer in layers]
+    keys, values = getattr(cache, "key_cache", None), getattr(cache, "value_cache", None)
+    if keys is None or values is None:
+        return None
+    return list(zip(keys, values))
 
 
 def _pad_stack(mats: list[Tensor]) -> Tensor:
