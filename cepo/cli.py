@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from jsonargparse import lazy_instance
+from jsonargparse import lazy_instance, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -51,6 +51,8 @@ class CEPOCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> CEPOCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The config dataclasses document each field in an attribute docstring; show them in --help.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     return CEPOCLI(
         CEPOModule,
         PromptDataModule,

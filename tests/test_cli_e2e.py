@@ -117,3 +117,27 @@ def test_validate_with_several_samples_reports_mean_accuracy_and_pass_at_n(tmp_p
 def test_several_greedy_samples_are_refused(tmp_path):
     with pytest.raises(ValueError, match="eval_temperature"):
         main(["validate", *small_run_args(tmp_path), "--model.init_args.eval_num_samples", "3"])
+
+
+@pytest.mark.slow
+def test_starting_from_an_adapter_uses_its_frozen_copy_as_reference(tmp_path):
+    first = main(["fit", *small_run_args(tmp_path / "first")])
+    adapter = Path(first.trainer.log_dir) / "adapter"
+    second = main(["fit", *small_run_args(tmp_path / "second"), "--model.init_args.policy.adapter_path", str(adapter)])
+    module = second.model
+    assert module.has_reference_adapter
+    ids = torch.tensor([[30, 31, 32, 33, 34]])
+    start = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(resolve_model_path("embedded:tiny-shortcut-llama")), str(adapter)
+    ).eval()
+    module.policy.eval()
+    with torch.no_grad():
+        with module.reference_model() as reference:
+            reference_logits = reference(input_ids=ids).logits
+        # The reference is the starting adapter, not the base model, and it stayed frozen while the
+        # trained copy moved on.
+        torch.testing.assert_close(reference_logits, start(input_ids=ids).logits)
+        assert not torch.allclose(module.policy(input_ids=ids).logits, reference_logits)
+    frozen = [p for n, p in module.policy.named_parameters() if ".reference." in n]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    assert any(p.requires_grad for n, p in module.policy.named_parameters() if ".default." in n)

@@ -9,12 +9,13 @@ cannot express.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,10 @@ class CEPOModule(LightningModule):
 
     def __init__(
         self,
-        policy: PolicyConfig | None = None,
-        generation: GenerationConfig | None = None,
-        optim: OptimConfig | None = None,
-        prompt: PromptConfig | None = None,
+        policy: PolicyConfig = PolicyConfig(),
+        generation: GenerationConfig = GenerationConfig(),
+        optim: OptimConfig = OptimConfig(),
+        prompt: PromptConfig = PromptConfig(),
         rewards: list[RewardFunction] | None = None,
         reward_p: float = 1.0,
         group_size: int = 4,
@@ -117,10 +118,11 @@ class CEPOModule(LightningModule):
         """
         super().__init__()
         self.automatic_optimization = False
-        self.policy_config = policy or PolicyConfig()
-        self.generation = generation or GenerationConfig()
-        self.optim = optim or OptimConfig()
-        self.prompt = prompt or PromptConfig()
+        # Copies: the defaults are shared instances (so --help can list their fields).
+        self.policy_config = copy.deepcopy(policy)
+        self.generation = copy.deepcopy(generation)
+        self.optim = copy.deepcopy(optim)
+        self.prompt = copy.deepcopy(prompt)
         self.reward_functions = list(rewards) if rewards is not None else [AccuracyReward()]
         self.reward_p = float(reward_p)
         self.group_size = group_size
