@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,34 +25,15 @@ from cepo.coherence.counterfactuals import WordShuffle, draw_counterfactuals
 from cepo.coherence.scorer import CoherenceScorer
 from cepo.data.shortcut import generate_items
 
-ASSET = Path(__file__).resolve().parents[1] / "cepo" / "assets" / "tiny-shortcut-llama"
-
-
 def load_model():
-    if ASSET.is_dir():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The embedded policy, loaded like any checkpoint (it ships with the package)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float32)
-        return model.eval(), AutoTokenizer.from_pretrained(ASSET), f"embedded model ({ASSET.name})"
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from cepo.policy.loading import resolve_model_path
 
-    from cepo.policy.tokenizer import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer, "random Llama (hidden 128, 4 layers; no embedded model found)"
+    path = resolve_model_path("embedded:tiny-shortcut-llama")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(path), "embedded model (tiny-shortcut-llama)"
 
 
 # ---------------------------------------------------------------------- the per-sample baseline
