@@ -1,3 +1,3 @@
-from cepo.cli import main
+from cepo.cli import entry_point
 
-main()
+entry_point()

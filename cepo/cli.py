@@ -70,5 +70,10 @@ def main(args: list[str] | None = None) -> CEPOCLI:
     )
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The ``cepo`` console script (returns None, so the exit status is 0 on success)."""
     main()
+
+
+if __name__ == "__main__":
+    entry_point()

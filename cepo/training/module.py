@@ -494,14 +494,18 @@ class CEPOModule(LightningModule):
         for key, value in flat.items():
             self.log(key, value, sync_dist=False, add_dataloader_idx=False)
         if not self.trainer.sanity_checking:
-            self._report(stage, results)
+            self._report(stage, results, self.run_dir())
         return results
 
+    def run_dir(self) -> Path:
+        """The run's log folder. Call on every rank: ``trainer.log_dir`` broadcasts, so reading it inside
+        rank-zero-only code would leave the other ranks out of a collective and hang DDP."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
     @rank_zero_only
-    def _report(self, stage: str, results: dict[str, dict[str, float]]) -> None:
+    def _report(self, stage: str, results: dict[str, dict[str, float]], run_dir: Path) -> None:
         rank_zero_info(format_table(stage, results, step=self.rollout_step))
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        path = Path(log_dir) / f"{stage}_results.jsonl"
+        path = run_dir / f"{stage}_results.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as handle:
             for name, values in results.items():
@@ -569,13 +573,13 @@ class CEPOModule(LightningModule):
             _set_rng_state(rng)
 
     def on_fit_end(self) -> None:
-        self.export_adapter()
+        self.export_adapter(str(self.run_dir() / "adapter"))
 
     @rank_zero_only
-    def export_adapter(self, path: str | None = None) -> None:
+    def export_adapter(self, path: str) -> None:
         """Write the trained LoRA adapter in PEFT format (``PeftModel.from_pretrained`` loads it) and the
-        tokenizer, under ``<log_dir>/adapter`` unless a path is given."""
-        target = Path(path or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+        tokenizer to ``path`` (``fit`` writes ``<log_dir>/adapter``)."""
+        target = Path(path)
         self.policy.save_pretrained(str(target), selected_adapters=["default"])
         self.tokenizer.save_pretrained(str(target))
         rank_zero_info(f"LoRA adapter written to {target}")

@@ -414,10 +414,10 @@ class PPO(CEPOModule):
             self.kl_controller.load_state_dict(saved)
 
     @rank_zero_only
-    def export_adapter(self, path: str | None = None) -> None:
+    def export_adapter(self, path: str) -> None:
         """The policy adapter and tokenizer (as the base class writes them), plus ``value_head.safetensors``
         (load with :meth:`ValueHead.from_file`) and, for ``separate``, the critic adapter in ``critic/``."""
-        target = Path(path or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+        target = Path(path)
         super().export_adapter(str(target))
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
         save_file(tensors, str(target / VALUE_HEAD_FILE), metadata={"value_model": self.value_model})
