@@ -312,15 +312,20 @@ class CEPOModule(LightningModule):
             stage=stage,
         )
 
-    def score_rollout(self, rollout: Rollout) -> torch.Tensor:
-        """Every reward term (functions, then callbacks such as the coherence reward), fused by the
-        weighted power mean. Returns the fused reward ``(N,)`` and stores it as ``rollout.rewards['reward']``."""
+    def attach_reward_terms(self, rollout: Rollout) -> None:
+        """Every reward term: the configured functions, then reward callbacks (the coherence reward),
+        which decide themselves whether to score evaluation rollouts."""
         start = time.perf_counter()
         for fn in self.reward_functions:
             rollout.add_reward(fn.name, fn(rollout), fn.weight)
         rollout.stats["time/rewards_s"] = time.perf_counter() - start
         for callback in self._reward_callbacks():
             callback.on_rollout_batch(self.trainer, self, rollout)
+
+    def score_rollout(self, rollout: Rollout) -> torch.Tensor:
+        """Every reward term fused by the weighted power mean. Returns the fused reward ``(N,)`` and
+        stores it as ``rollout.rewards['reward']``."""
+        self.attach_reward_terms(rollout)
         names = list(rollout.rewards)
         for name in names:
             if torch.isnan(rollout.rewards[name]).any():
@@ -461,15 +466,8 @@ class CEPOModule(LightningModule):
 
     def _eval_step(self, batch: PromptBatch) -> None:
         rollout = self.make_rollout(batch, "eval")
-        self.score_rollout_for_eval(rollout)
+        self.attach_reward_terms(rollout)  # for logging only: no fusion, no update
         self._eval_metrics[batch.source].update(rollout)
-
-    def score_rollout_for_eval(self, rollout: Rollout) -> None:
-        """Reward terms for logging only (no fusion, no update); callbacks decide whether to score."""
-        for fn in self.reward_functions:
-            rollout.add_reward(fn.name, fn(rollout), fn.weight)
-        for callback in self._reward_callbacks():
-            callback.on_rollout_batch(self.trainer, self, rollout)
 
     def validation_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch)
