@@ -7,7 +7,7 @@ import torch
 from cepo.coherence.counterfactuals import WordShuffle, draw_counterfactuals
 from cepo.coherence.scorer import CoherenceScorer, _Sequence
 from cepo.training.coherence_callback import CoherenceRewardCallback
-from cepo.training.rollout import Rollout
+from cepo.rollout import Rollout
 from coherence_reference import score_reference
 
 FLOOR = 0.005

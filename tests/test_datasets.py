@@ -16,8 +16,8 @@ from cepo.data.datasets import (
 )
 from cepo.data.example import Example
 from cepo.data.prompts import FAMILY_BY_ADAPTER, PromptTemplate, render_prompt
-from cepo.rewards.matching import answers_match
-from cepo.rewards.parsing import AnswerParser
+from cepo.answers.matching import answers_match
+from cepo.answers.parsing import AnswerParser
 
 
 def write_json(path, rows):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from cepo.data.example import Example
 from cepo.evaluation.metrics import EvalMetrics, format_table, pair_consistency
-from cepo.training.rollout import Rollout
+from cepo.rollout import Rollout
 
 WIDTH = 12  # completion tensor width; every length below must fit
 

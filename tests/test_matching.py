@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cepo.rewards.matching import (
+from cepo.answers.matching import (
     KINDS,
     answers_match,
     infer_kind,

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cepo.rewards.parsing import (
+from cepo.answers.parsing import (
     AnswerParser,
     ParsedCompletion,
     answer_instruction,

@@ -12,7 +12,7 @@ from cepo.cli import main
 from cepo.policy.forward import unwrap
 from cepo.policy.loading import PolicyConfig, resolve_model_path
 from cepo.training.ppo import CRITIC_ADAPTER, PPO, VALUE_HEAD_FILE, ValueHead
-from cepo.training.rollout import Rollout
+from cepo.rollout import Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 PPO_QUICKSTART = str(ROOT / "configs" / "ppo_quickstart.yaml")

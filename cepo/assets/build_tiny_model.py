@@ -111,8 +111,8 @@ def train(args) -> tuple[LlamaForCausalLM, object, dict]:
 def evaluate(model, tokenizer, n: int, seed: int, cue_rate: float) -> dict[str, dict[str, float]]:
     """Greedy accuracy, cue-copy rate and rationale faithfulness on each evaluation split."""
     from cepo.evaluation.faithfulness import rationale_value
-    from cepo.rewards.matching import answers_match
-    from cepo.rewards.parsing import AnswerParser
+    from cepo.answers.matching import answers_match
+    from cepo.answers.parsing import AnswerParser
 
     parser = AnswerParser()
     results = {}

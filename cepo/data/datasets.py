@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from cepo.data.example import Example
-from cepo.rewards.matching import normalize_number, normalize_text
-from cepo.rewards.parsing import last_boxed
+from cepo.answers.matching import normalize_number, normalize_text
+from cepo.answers.parsing import last_boxed
 
 ON_ERROR = ("raise", "skip")
 _QUESTION_ALIASES = ("question", "problem", "input")

@@ -14,7 +14,7 @@ class Example:
     template) is applied later, so the same examples serve every model. ``gold`` holds every accepted
     final answer, already extracted from the raw dataset field (``"18"`` from GSM8K's ``"... #### 18"``,
     each alternative of ``"a or b"``). ``answer_kind`` names the matching rule used by
-    :func:`cepo.rewards.matching.answers_match` (``"number"``, ``"math"``, ``"yes_no"``, ``"choice"``,
+    :func:`cepo.answers.matching.answers_match` (``"number"``, ``"math"``, ``"yes_no"``, ``"choice"``,
     ``"text"`` or ``"auto"``). ``meta`` carries per-source fields that metrics need (split name, cue,
     pair ids, options); its values must be plain JSON types.
     """

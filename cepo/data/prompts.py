@@ -2,7 +2,7 @@
 
 A template turns an :class:`Example` into the prompt text Z: a family-specific frame around the question,
 an instruction to reason step by step and mark the final answer with the parser's marker
-(:func:`cepo.rewards.parsing.answer_instruction`), and optionally the tokenizer's chat template.
+(:func:`cepo.answers.parsing.answer_instruction`), and optionally the tokenizer's chat template.
 
 Families: ``"math"``, ``"multiple_choice"``, ``"yes_no"``, ``"open"`` and ``"raw"`` (alias ``"plain"``),
 which uses the question verbatim with no instruction (the synthetic shortcut task is written that way).
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from cepo.data.example import Example
-from cepo.rewards.parsing import answer_instruction
+from cepo.answers.parsing import answer_instruction
 
 FAMILIES = ("math", "multiple_choice", "yes_no", "open", "raw", "plain")
 

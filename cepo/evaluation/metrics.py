@@ -25,7 +25,7 @@ import torch
 from torchmetrics import Metric
 
 from cepo.evaluation.faithfulness import is_faithful
-from cepo.rewards.matching import answers_match, normalize_number
+from cepo.answers.matching import answers_match, normalize_number
 
 _SUMS = (
     "n", "correct", "marker", "length", "truncated", "checkable", "faithful", "right_checkable",

@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from cepo.rewards.matching import answers_match
-from cepo.training.rollout import Rollout
+from cepo.answers.matching import answers_match
+from cepo.rollout import Rollout
 
 
 class RewardFunction:

@@ -7,7 +7,7 @@ import time
 import lightning as L
 
 from cepo.coherence.scorer import CHANNELS, CoherenceScorer
-from cepo.training.rollout import Rollout
+from cepo.rollout import Rollout
 
 NETWORKS = ("reference", "policy")
 

@@ -24,6 +24,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from cepo.answers import AnswerParser, resolve_markers
 from cepo.data.datamodule import PromptBatch
 from cepo.data.prompts import render_prompt
 from cepo.evaluation.metrics import EvalMetrics, format_table
@@ -32,10 +33,9 @@ from cepo.policy.loading import REFERENCE_ADAPTER, PolicyConfig, load_policy, lo
 from cepo.policy.logprobs import batched_logprobs, completion_logprobs, micro_batches
 from cepo.rewards.base import AccuracyReward, RewardFunction
 from cepo.rewards.combiner import power_mean
-from cepo.rewards.parsing import AnswerParser
 from cepo.rl.grpo import ADVANTAGE_SCALES, LOSS_TYPES, group_advantages, grpo_loss, loss_normalizer, masked_mean
 from cepo.rl.grpo import zero_std_fraction
-from cepo.training.rollout import Rollout
+from cepo.rollout import Rollout
 
 
 @dataclass
@@ -131,8 +131,7 @@ class CEPOModule(LightningModule):
         self.num_iterations = num_iterations
         self.completions_to_log = completions_to_log
         self.eval_num_samples = eval_num_samples
-        markers = [self.prompt.marker] + [m for m in self.prompt.parse_markers if m != self.prompt.marker]
-        self.parser = AnswerParser(markers)
+        self.parser = AnswerParser(resolve_markers(self.prompt.marker, self.prompt.parse_markers))
         self._check_static_options()
         # No save_hyperparameters(): LightningCLI writes the full config.yaml next to the logs, and
         # hyper-parameters inside checkpoints would override the command line on `--ckpt_path`.

@@ -37,7 +37,7 @@ from cepo.rl.ppo import (
     whiten,
 )
 from cepo.training.module import CEPOModule
-from cepo.training.rollout import Rollout
+from cepo.rollout import Rollout
 
 VALUE_MODELS = ("head", "separate")
 KL_MODES = ("reward", "loss")

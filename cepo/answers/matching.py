@@ -28,7 +28,7 @@ import unicodedata
 from fractions import Fraction
 from typing import Sequence
 
-from cepo.rewards.parsing import last_boxed
+from cepo.answers.parsing import last_boxed
 
 KINDS = ("auto", "number", "math", "yes_no", "choice", "text")
 REL_TOL = 1e-6
