@@ -3,13 +3,13 @@
 from cepo.coherence.scorer import CoherenceScorer
 from cepo.data.datamodule import PromptDataModule
 from cepo.data.sources import DatasetSource, FileDataset, PaperMix, ShortcutTask
-from cepo.rewards.base import AccuracyReward, FormatReward, RewardFunction
+from cepo.rewards.base import AccuracyReward, FormatReward, NetworkReward, RewardFunction
 from cepo.training.coherence_callback import CoherenceRewardCallback
-from cepo.training.module import CEPOModule, GRPO
-from cepo.training.ppo import PPO
+from cepo.training.module import GRPO, PPO, RLOO, CEPOModule, ReinforcePP
 
 __all__ = [
-    "AccuracyReward", "CEPOModule", "CoherenceRewardCallback", "CoherenceScorer", "DatasetSource", "FileDataset", "FormatReward", "GRPO", "PaperMix", "PPO",
-    "PromptDataModule", "RewardFunction", "ShortcutTask",
+    "AccuracyReward", "CEPOModule", "CoherenceRewardCallback", "CoherenceScorer", "DatasetSource", "FileDataset",
+    "FormatReward", "GRPO", "NetworkReward", "PaperMix", "PPO", "PromptDataModule", "RLOO", "ReinforcePP",
+    "RewardFunction", "ShortcutTask",
 ]
 __version__ = "0.1.0"

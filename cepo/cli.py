@@ -20,7 +20,7 @@ from cepo.training.module import CEPOModule
 
 class CEPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"model": {"class_path": "cepo.training.module.GRPO"}})
+        parser.set_defaults({"model": {"class_path": "cepo.GRPO"}})
         # Checkpoints follow a validation accuracy, never the RL loss (which is not a progress signal).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
@@ -35,6 +35,24 @@ class CEPOCLI(LightningCLI):
     def before_fit(self) -> None:
         self._check_trainer()
 
+    def after_fit(self) -> None:
+        self._log_hparams()
+
+    def _log_hparams(self) -> None:
+        """TensorBoard's HParams tab: every resolved option of this run with its final metrics (the last
+        validation's, and the last training reward), so runs can be compared side by side."""
+        logger = self.trainer.logger
+        if logger is None:
+            return
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        params = flatten_config(config.as_dict())
+        metrics = {f"final/{key}": value for key, value in getattr(self.model, "last_val_metrics", {}).items()}
+        reward = self.trainer.callback_metrics.get("train/reward")
+        if reward is not None:
+            metrics["final/train/reward"] = float(reward)
+        if metrics:
+            logger.log_hyperparams(params, metrics)
+
     def _check_trainer(self) -> None:
         trainer = self.trainer
         if trainer.max_steps is None or trainer.max_steps < 0:
@@ -47,6 +65,19 @@ class CEPOCLI(LightningCLI):
                 "trainer.accumulate_grad_batches and trainer.gradient_clip_val do not apply to cepo's manual "
                 "optimisation; use model.mini_batch_size/model.micro_batch_size and model.optim.max_grad_norm"
             )
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict[str, object]:
+    """``{"model": {"init_args": {"lr": 1}}}`` -> ``{"model.init_args.lr": 1}``; lists and other values are
+    kept whole (the logger turns them into text)."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def main(args: list[str] | None = None) -> CEPOCLI:

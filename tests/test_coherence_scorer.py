@@ -265,10 +265,10 @@ def test_callback_attaches_the_three_terms_from_the_chosen_network(char_tokenize
     from conftest import make_tiny_llama
 
     policy, reference = make_tiny_llama(len(char_tokenizer), seed=5), make_tiny_llama(len(char_tokenizer), seed=6)
-    module, trainer = FakeModule(policy, reference, char_tokenizer), SimpleNamespace(global_step=7)
+    module = FakeModule(policy, reference, char_tokenizer)
     scorer = CoherenceScorer(num_counterfactuals=1)
     rollout = make_rollout()
-    CoherenceRewardCallback(scorer, weight_zx=0.2, weight_xy=0.0).on_rollout_batch(trainer, module, rollout)
+    CoherenceRewardCallback(scorer, weight_zx=0.2, weight_xy=0.0).score_rollout(module, rollout, step=7)
     assert module.entered == 1
     assert rollout.reward_weights == {"coherence_zx": 0.2, "coherence_xy": 0.0, "coherence_zy": 0.1}
     expected = scorer.score(reference, char_tokenizer, PROMPTS[:3], RATIONALES[:3], ANSWERS[:3], step=7)
@@ -277,15 +277,15 @@ def test_callback_attaches_the_three_terms_from_the_chosen_network(char_tokenize
     assert expected_stats <= set(rollout.stats)
 
     on_policy = make_rollout()
-    CoherenceRewardCallback(scorer, network="policy").on_rollout_batch(trainer, module, on_policy)
+    CoherenceRewardCallback(scorer, network="policy").score_rollout(module, on_policy, step=7)
     assert module.entered == 1
     expected = scorer.score(policy, char_tokenizer, PROMPTS[:3], RATIONALES[:3], ANSWERS[:3], step=7)
     assert torch.equal(on_policy.rewards["coherence_zy"], expected.zy)
 
     evaluation = make_rollout(stage="validate")
-    CoherenceRewardCallback(scorer).on_rollout_batch(trainer, module, evaluation)
+    CoherenceRewardCallback(scorer).score_rollout(module, evaluation, step=7)
     assert evaluation.rewards == {}
-    CoherenceRewardCallback(scorer, score_during_eval=True).on_rollout_batch(trainer, module, evaluation)
+    CoherenceRewardCallback(scorer, score_during_eval=True).score_rollout(module, evaluation, step=7)
     assert set(evaluation.rewards) == {"coherence_zx", "coherence_xy", "coherence_zy"}
 
 

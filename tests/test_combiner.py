@@ -5,7 +5,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from cepo.rewards.combiner import P_ABLATION, PRESETS, power_mean
+from cepo.rewards.combiner import power_mean
+from reward_presets import P_ABLATION, PRESETS
 
 unit = st.floats(0.0, 1.0, allow_nan=False)
 positive_unit = st.floats(0.05, 1.0, allow_nan=False)

@@ -1,4 +1,5 @@
-"""Every shipped config parses, and the GPU GSM8K config runs its real loading path on the tiny model."""
+"""Every shipped config parses (task configs alone, algorithm overlays on top of the quickstart config and
+resolving to their algorithm), and the GPU GSM8K config runs its real loading path on the tiny model."""
 
 import json
 from pathlib import Path
@@ -9,6 +10,12 @@ from cepo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+ALGORITHMS = {  # overlay -> (module class, advantage estimator, KL placement, has a critic)
+    "grpo": ("GRPO", "grpo", "loss", False),
+    "rloo": ("RLOO", "rloo", "loss", False),
+    "reinforce_pp": ("ReinforcePP", "reinforce_pp", "reward", False),
+    "ppo": ("PPO", "gae", "reward", True),
+}
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.name)
@@ -17,6 +24,32 @@ def test_experiment_configs_parse(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     assert "class_path" in capsys.readouterr().out
+
+
+def test_every_algorithm_has_an_overlay():
+    assert {p.stem for p in (ROOT / "configs" / "algorithms").glob("*.yaml")} == set(ALGORITHMS)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_algorithm_overlay_composes_with_the_quickstart_config(name, tmp_path, monkeypatch):
+    import sys
+
+    from cepo import CEPOModule, PromptDataModule
+    from cepo.cli import CEPOCLI
+
+    monkeypatch.setattr(sys, "argv", ["cepo"])
+    cli = CEPOCLI(CEPOModule, PromptDataModule, subclass_mode_model=True, auto_configure_optimizers=False, run=False,
+                  args=["--config", str(ROOT / "configs" / "quickstart.yaml"),
+                        "--config", str(ROOT / "configs" / "algorithms" / f"{name}.yaml"),
+                        "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    cls, estimator, placement, critic = ALGORITHMS[name]
+    module = cli.model
+    assert type(module).__name__ == cls and module.algorithm == name
+    assert module.advantage.estimator == estimator and module.kl.placement == placement
+    assert (module.critic_config is not None) is critic
+    # The task stays the quickstart's.
+    assert module.policy_config.name_or_path == "embedded:tiny-shortcut-llama"
+    assert cli.datamodule.train_source.split == "train"
 
 
 @pytest.mark.slow

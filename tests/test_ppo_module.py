@@ -1,5 +1,6 @@
-"""PPO's LightningModule: value positions, reward shaping + GAE, the critic's isolation, checkpoint state,
-and end-to-end ``fit`` through the CLI. The pure PPO math is tested in test_rl_ppo.py."""
+"""PPO as a configuration of the one training loop: value positions, reward shaping + GAE, the critic's
+isolation, checkpoint state, and end-to-end ``fit`` through the CLI. The pure PPO math is tested in
+test_rl_ppo.py."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,11 +12,14 @@ from safetensors.torch import load_file
 from cepo.cli import main
 from cepo.policy.forward import unwrap
 from cepo.policy.loading import PolicyConfig, resolve_model_path
-from cepo.training.ppo import CRITIC_ADAPTER, PPO, VALUE_HEAD_FILE, ValueHead
+from cepo.rl.advantages import gae, kl_penalized_rewards
 from cepo.rollout import Rollout
+from cepo.training.critic import CRITIC_ADAPTER, VALUE_HEAD_FILE, CriticConfig, ValueHead
+from cepo.training.module import PPO, AdvantageConfig, KLConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-PPO_QUICKSTART = str(ROOT / "configs" / "ppo_quickstart.yaml")
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+PPO_OVERLAY = str(ROOT / "configs" / "algorithms" / "ppo.yaml")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,8 +32,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def loaded_module(**options) -> PPO:
-    module = PPO(**options)
+def loaded_module(value_model: str = "head", critic_lr=None, **options) -> PPO:
+    module = PPO(critic=CriticConfig(kind=value_model, lr=critic_lr), **options)
     module.configure_model()  # the embedded tiny model, no trainer needed
     return module
 
@@ -67,7 +71,7 @@ def test_value_of_token_t_reads_the_hidden_state_before_it(value_model):
     randomize(module, "default", seed=1)
     randomize(module, CRITIC_ADAPTER, seed=2)
     torch.manual_seed(0)
-    torch.nn.init.normal_(module.value_head.score.weight)
+    torch.nn.init.normal_(module.critic.value_head.score.weight)
     prompts, completions, tensors = two_rows()
     _, values = module.rollout_logprobs_and_values(tensors)
     base = unwrap(module.policy)
@@ -77,13 +81,13 @@ def test_value_of_token_t_reads_the_hidden_state_before_it(value_model):
         with critic, torch.no_grad():
             hidden = base(input_ids=torch.tensor([prompt + completion]), output_hidden_states=True).hidden_states[-1][0]
         positions = [len(prompt) - 1 + t for t in range(len(completion))]  # state that emits token t
-        expected = module.value_head(hidden[positions])
+        expected = module.critic.value_head(hidden[positions])
         torch.testing.assert_close(values[row, : len(completion)], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_separate_critic_is_isolated_from_the_policy_adapter():
     module = loaded_module(value_model="separate")
-    torch.nn.init.normal_(module.value_head.score.weight)
+    torch.nn.init.normal_(module.critic.value_head.score.weight)
     _, _, tensors = two_rows()
     logp, values = module.rollout_logprobs_and_values(tensors)
     randomize(module, CRITIC_ADAPTER, seed=3)
@@ -97,18 +101,18 @@ def test_separate_critic_is_isolated_from_the_policy_adapter():
     # Switching adapters leaves both trainable and the base frozen.
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {f"policy.{n}" for n in lora_names(module, "default") + lora_names(module, CRITIC_ADAPTER)} | {
-        "value_head.score.weight", "value_head.score.bias"}
+        "critic.value_head.score.weight", "critic.value_head.score.bias"}
 
 
 def first_step_gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
-    """Gradients of the first optimiser step of :meth:`PPO.update` on a two-row rollout (no trainer)."""
+    """Gradients of the first optimiser step of the loop on a two-row rollout (no trainer)."""
     torch.manual_seed(0)  # LoRA A is initialised at random
     module = loaded_module(value_model="separate", micro_batch_size=1, num_iterations=1,
                            policy=PolicyConfig(gradient_checkpointing=checkpointing))
     module.policy.train()  # transformers only checkpoints in training mode
     randomize(module, "default", seed=5)
     randomize(module, CRITIC_ADAPTER, seed=6)
-    torch.nn.init.normal_(module.value_head.score.weight, std=0.1)
+    torch.nn.init.normal_(module.critic.value_head.score.weight, std=0.1)
     _, _, (prompt_ids, prompt_mask, completion_ids, completion_mask) = two_rows()
     rollout = Rollout(
         examples=[None, None], prompts=["", ""], completions=["", ""], rationales=["", ""], answers=["", ""],
@@ -126,7 +130,8 @@ def first_step_gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
 
     module._trainer = SimpleNamespace(world_size=1)
     module.optimizer_step_with_accumulation = backward_only
-    module.update(rollout, torch.tensor([1.0, 0.0]))
+    prepared, _ = module.prepare(rollout, torch.tensor([1.0, 0.0]))
+    module.optimise(rollout, prepared)
     return grads
 
 
@@ -144,21 +149,19 @@ def test_separate_critic_gradients_survive_gradient_checkpointing():
 
 
 def test_returns_are_the_score_minus_the_future_kl_penalties():
-    module = PPO(gamma=1.0, lam=1.0, kl_mode="reward")
     scores = torch.tensor([1.0, 0.5])
     kl = torch.tensor([[0.2, -0.1, 0.4, 9.0], [0.3, 0.1, 9.0, 9.0]])  # 9.0 sits on padding
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     values = torch.tensor([[0.3, 0.6, 0.9, 5.0], [0.1, 0.2, 5.0, 5.0]])
-    rewards = module.token_rewards(scores, kl, mask, kl_coef=0.1)
-    advantages, returns = module.advantages_and_returns(rewards, values, mask)
+    rewards = kl_penalized_rewards(scores, kl, mask, kl_coef=0.1)
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
     # Row 0: 1.0 - 0.1 * (0.2 - 0.1 + 0.4), 1.0 - 0.1 * (-0.1 + 0.4), 1.0 - 0.1 * 0.4
     # Row 1: 0.5 - 0.1 * (0.3 + 0.1), 0.5 - 0.1 * 0.1
     expected = torch.tensor([[0.95, 0.97, 0.96, 0.0], [0.46, 0.49, 0.0, 0.0]])
     torch.testing.assert_close(returns, expected)
     torch.testing.assert_close(advantages, (expected - values) * mask)
     # With the KL as a loss term the rewards hold the score alone.
-    _, loss_mode_returns = PPO(kl_mode="loss").advantages_and_returns(
-        PPO(kl_mode="loss").token_rewards(scores, kl, mask, kl_coef=0.1), values, mask)
+    _, loss_mode_returns = gae(kl_penalized_rewards(scores, kl, mask, kl_coef=0.0), values, mask, 1.0, 1.0)
     torch.testing.assert_close(loss_mode_returns, scores[:, None] * mask)
 
 
@@ -166,12 +169,11 @@ def test_returns_are_the_score_minus_the_future_kl_penalties():
 
 
 @pytest.mark.parametrize("options, named", [
-    ({"value_model": "twin"}, "model.value_model"),
-    ({"kl_mode": "both"}, "model.kl_mode"),
-    ({"lam": 1.5}, "model.lam"),
-    ({"value_clip": 0.0}, "model.value_clip"),
-    ({"kl_target": 6.0, "kl_coef": 0.0}, "model.kl_target"),
-    ({"critic_lr": -1.0}, "model.critic_lr"),
+    ({"advantage": AdvantageConfig(estimator="gae", lam=1.5)}, "model.advantage.lam"),
+    ({"critic": CriticConfig(value_clip=0.0)}, "model.critic.value_clip"),
+    ({"kl": KLConfig(target=6.0, coef=0.0)}, "model.kl.target"),
+    ({"critic": CriticConfig(lr=-1.0)}, "model.critic.lr"),
+    ({"critic": None}, "model.critic"),
 ])
 def test_bad_options_are_named(options, named):
     with pytest.raises(ValueError, match=named):
@@ -187,22 +189,22 @@ def test_critic_lr_puts_exactly_the_value_parameters_in_their_own_group():
     critic = {by_id[id(p)] for p in critic_group["params"]}
     policy = {by_id[id(p)] for p in policy_group["params"]}
     assert critic == {f"policy.{n}" for n in lora_names(module, CRITIC_ADAPTER)} | {
-        "value_head.score.weight", "value_head.score.bias"}
+        "critic.value_head.score.weight", "critic.value_head.score.bias"}
     assert policy == {f"policy.{n}" for n in lora_names(module, "default")}
 
 
 def test_adaptive_kl_controller_round_trips_through_the_checkpoint():
-    module = PPO(kl_coef=0.1, kl_target=1.0, kl_horizon=100)
+    module = PPO(kl=KLConfig(coef=0.1, target=1.0, horizon=100))
     module.kl_controller.update(current_kl=3.0, n_steps=50)  # error clipped at +0.2: 0.1 * 1.1
     assert module.kl_controller.value == pytest.approx(0.11)
     checkpoint = {}
     module.on_save_checkpoint(checkpoint)
-    resumed = PPO(kl_coef=0.1, kl_target=1.0, kl_horizon=100)
+    resumed = PPO(kl=KLConfig(coef=0.1, target=1.0, horizon=100))
     resumed.on_load_checkpoint(checkpoint)
     assert resumed.kl_controller.value == pytest.approx(0.11)
     # A run resumed with a fixed coefficient keeps its configured value.
-    fixed = PPO(kl_coef=0.05)
-    with pytest.warns(UserWarning, match="kl_target"):
+    fixed = PPO(kl=KLConfig(coef=0.05))
+    with pytest.warns(UserWarning, match="kl.target"):
         fixed.on_load_checkpoint(checkpoint)
     assert fixed.kl_controller.value == 0.05
 
@@ -212,7 +214,8 @@ def test_adaptive_kl_controller_round_trips_through_the_checkpoint():
 
 def small_run_args(tmp_path, *extra):
     return [
-        "--config", PPO_QUICKSTART,
+        "--config", QUICKSTART,
+        "--config", PPO_OVERLAY,
         "--trainer.max_steps", "2",
         "--trainer.val_check_interval", "1",
         "--trainer.limit_val_batches", "1",
@@ -244,10 +247,10 @@ def assert_moved(module: PPO, adapter: str) -> None:
 
 @pytest.mark.slow
 def test_fit_trains_value_head_and_lora_and_checkpoints_them(tmp_path):
-    cli = main(["fit", *small_run_args(tmp_path, "--model.init_args.kl_target", "1.0",
-                                       "--model.init_args.kl_horizon", "100")])
+    cli = main(["fit", *small_run_args(tmp_path, "--model.init_args.kl.target", "1.0",
+                                       "--model.init_args.kl.horizon", "100")])
     module = cli.model
-    assert module.value_head.score.weight.abs().sum() > 0, "the zero-initialised value head must move"
+    assert module.critic.value_head.score.weight.abs().sum() > 0, "the zero-initialised value head must move"
     assert_moved(module, "default")
     assert_base_unchanged(module.policy)
     assert module.kl_controller.value != 0.001  # the adaptive controller saw at least one rollout
@@ -255,31 +258,31 @@ def test_fit_trains_value_head_and_lora_and_checkpoints_them(tmp_path):
     state = torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["cepo"]["algorithm"] == "ppo" and state["cepo"]["rollout_step"] == module.rollout_step >= 1
     assert state["cepo"]["kl_controller"]["value"] == module.kl_controller.value
-    torch.testing.assert_close(state["state_dict"]["value_head.score.weight"], module.value_head.score.weight)
+    torch.testing.assert_close(state["state_dict"]["critic.value_head.score.weight"], module.critic.value_head.score.weight)
     exported = ValueHead.from_file(log_dir / "adapter" / VALUE_HEAD_FILE)
-    torch.testing.assert_close(exported.score.weight, module.value_head.score.weight.detach())
+    torch.testing.assert_close(exported.score.weight, module.critic.value_head.score.weight.detach())
     logged = cli.trainer.callback_metrics
     for key in ("value_loss", "explained_variance", "approx_kl", "kl_coef", "kl", "value_clip_fraction",
                 "advantage_std", "return_mean", "grad_norm", "entropy", "time/reference_s"):
         assert torch.isfinite(logged[f"train/{key}"]), key
     # Loading the checkpoint into a fresh module restores the value head and the controller.
-    resumed = loaded_module(policy=module.policy_config, kl_coef=0.001, kl_target=1.0, kl_horizon=100)
+    resumed = loaded_module(policy=module.policy_config, kl=KLConfig(coef=0.001, target=1.0, horizon=100))
     resumed.load_state_dict(state["state_dict"])
     resumed.on_load_checkpoint(state)
     assert resumed.kl_controller.value == module.kl_controller.value
-    torch.testing.assert_close(resumed.value_head.score.weight, module.value_head.score.weight.detach())
+    torch.testing.assert_close(resumed.critic.value_head.score.weight, module.critic.value_head.score.weight.detach())
 
 
 @pytest.mark.slow
 def test_fit_with_a_separate_critic_and_gradient_checkpointing(tmp_path):
-    cli = main(["fit", *small_run_args(tmp_path, "--model.init_args.value_model", "separate",
+    cli = main(["fit", *small_run_args(tmp_path, "--model.init_args.critic.kind", "separate",
                                        "--model.init_args.policy.gradient_checkpointing", "true",
-                                       "--model.init_args.critic_lr", "0.02",
+                                       "--model.init_args.critic.lr", "0.02",
                                        "--trainer.val_check_interval", "2")])
     module = cli.model
     assert_moved(module, "default")
     assert_moved(module, CRITIC_ADAPTER)
-    assert module.value_head.score.weight.abs().sum() > 0
+    assert module.critic.value_head.score.weight.abs().sum() > 0
     assert_base_unchanged(module.policy)
     adapter = Path(cli.trainer.log_dir) / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / VALUE_HEAD_FILE).is_file()

@@ -1,4 +1,5 @@
-"""GRPO math against numbers worked out by hand."""
+"""GRPO math (group advantages, the clipped surrogate, k3, aggregation, the policy objective) against numbers
+worked out by hand."""
 
 from __future__ import annotations
 
@@ -7,18 +8,11 @@ import math
 import pytest
 import torch
 
-from cepo.rl.grpo import (
-    aggregate_loss,
-    clipped_surrogate,
-    entropy_from_logits,
-    group_advantages,
-    grpo_loss,
-    k3_kl,
-    loss_normalizer,
-    masked_mean,
-    masked_sum,
-    zero_std_fraction,
-)
+from cepo.rl.advantages import group_advantages, zero_std_fraction
+from cepo.rl.kl import k3_kl
+from cepo.rl.losses import aggregate_loss, clipped_surrogate, loss_normalizer
+from cepo.rl.losses import policy_objective
+from cepo.rl.reductions import entropy_from_logits, masked_mean, masked_sum
 
 
 def close(actual, expected, atol=1e-5):
@@ -93,7 +87,8 @@ def _surrogate_inputs():
 
 def test_clipped_surrogate_values_masks_and_gradient():
     logp, old_logp, adv = _surrogate_inputs()
-    loss, low, high = clipped_surrogate(logp, old_logp, adv, eps_low=0.2, eps_high=0.28)
+    loss, flags = clipped_surrogate(logp, old_logp, adv, epsilon=0.2, epsilon_high=0.28)
+    low, high = flags["clip_fraction_low"], flags["clip_fraction_high"]
     # A = +2: r=1.5 -> min(3.0, 1.28*2=2.56) = 2.56 (clipped high); r=0.5 -> min(1.0, 0.8*2=1.6) = 1.0;
     #         r=1.1 -> 2.2.
     # A = -1: r=1.5 -> min(-1.5, -1.28) = -1.5; r=0.5 -> min(-0.5, -0.8) = -0.8 (clipped low); r=1.1 -> -1.1.
@@ -108,8 +103,9 @@ def test_clipped_surrogate_values_masks_and_gradient():
 
 def test_clipped_surrogate_accepts_token_advantages_and_defaults_eps_high():
     logp, old_logp, adv = _surrogate_inputs()
-    per_seq, _, _ = clipped_surrogate(logp, old_logp, adv, eps_low=0.2)
-    per_tok, _, high = clipped_surrogate(logp, old_logp, adv[:, None].expand(2, 3), eps_low=0.2)
+    per_seq, _ = clipped_surrogate(logp, old_logp, adv, epsilon=0.2)
+    per_tok, flags = clipped_surrogate(logp, old_logp, adv[:, None].expand(2, 3), epsilon=0.2)
+    high = flags["clip_fraction_high"]
     assert torch.equal(per_seq, per_tok)
     # eps_high defaults to eps_low: r = 1.5 with A = 2 clips at 1.2 -> -2.4.
     close(per_seq[0, 0], -2.4)
@@ -188,29 +184,29 @@ def test_micro_batch_losses_sum_to_full_batch_loss(mode):
 # --- full loss -------------------------------------------------------------------------------------------
 
 
-def test_grpo_loss_adds_kl_term_and_reports_stats():
+def test_policy_objective_adds_kl_term_and_reports_stats():
     logp = torch.log(torch.full((2, 2), 0.5))
     ref = torch.log(torch.full((2, 2), 0.25))
     adv = torch.tensor([1.0, -1.0])
     # ratio 1: surrogate tokens -1, -1 | +1, +1; grpo mean 0. k3 = 0.193147 per token, times beta 0.1.
     k3 = 0.5 + math.log(2) - 1
-    loss, stats = grpo_loss(logp, logp, adv, torch.ones(2, 2), eps_low=0.2, beta=0.1, ref_logp=ref)
+    loss, stats = policy_objective(logp, logp, adv, torch.ones(2, 2), epsilon=0.2, kl_coef=0.1, ref_logp=ref)
     close(loss, 0.1 * k3)
     close(stats["policy_loss"], 0.0)
     close(stats["kl"], k3)
     close(stats["ratio_mean"], 1.0)
     close(stats["clip_fraction"], 0.0)
     # beta = 0: KL reported, not added.
-    loss0, stats0 = grpo_loss(logp, logp, adv, torch.ones(2, 2), eps_low=0.2, ref_logp=ref)
+    loss0, stats0 = policy_objective(logp, logp, adv, torch.ones(2, 2), epsilon=0.2, ref_logp=ref)
     close(loss0, 0.0)
     close(stats0["kl"], k3)
-    assert "kl" not in grpo_loss(logp, logp, adv, torch.ones(2, 2), eps_low=0.2)[1]
+    assert "kl" not in policy_objective(logp, logp, adv, torch.ones(2, 2), epsilon=0.2)[1]
 
 
-def test_grpo_loss_clip_fractions_are_masked_token_fractions():
+def test_policy_objective_clip_fractions_are_masked_token_fractions():
     logp, old_logp, adv = _surrogate_inputs()
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])  # hides the low-clipped token (1, 1)
-    loss, stats = grpo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28, loss_type="dapo")
+    loss, stats = policy_objective(logp, old_logp, adv, mask, epsilon=0.2, epsilon_high=0.28, aggregation="dapo")
     close(stats["clip_fraction_high"], 1 / 5)
     close(stats["clip_fraction_low"], 0.0)
     close(stats["clip_fraction"], 1 / 5)
@@ -220,7 +216,7 @@ def test_grpo_loss_clip_fractions_are_masked_token_fractions():
     assert loss.requires_grad
 
 
-def test_grpo_loss_requires_reference_when_beta_positive():
+def test_policy_objective_requires_reference_when_beta_positive():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_loss(x, x, torch.ones(1), torch.ones(1, 2), eps_low=0.2, beta=0.04)
+        policy_objective(x, x, torch.ones(1), torch.ones(1, 2), epsilon=0.2, kl_coef=0.04)

@@ -7,15 +7,10 @@ import math
 import pytest
 import torch
 
-from cepo.rl.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    clipped_value_loss,
-    explained_variance,
-    gae,
-    kl_penalized_rewards,
-    whiten,
-)
+from cepo.rl.advantages import gae, kl_penalized_rewards
+from cepo.rl.kl import AdaptiveKLController, FixedKLController
+from cepo.rl.losses import clipped_value_loss, explained_variance
+from cepo.rl.reductions import whiten
 
 
 def close(actual, expected, atol=1e-5):

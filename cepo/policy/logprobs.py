@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from cepo.policy.forward import completion_logits, gather_logprobs
-from cepo.rl.grpo import entropy_from_logits
+from cepo.rl.reductions import entropy_from_logits
 
 
 def completion_logprobs(

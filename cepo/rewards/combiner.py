@@ -16,22 +16,6 @@ from torch import Tensor
 GEOMETRIC_EPS = 1e-6  # |p| below this is the geometric mean
 POWER_FLOOR = 1e-12  # inputs are floored here for p <= 0 so that v^p and log v stay finite
 
-# Preset name -> (p, weights in the order accuracy, S_ZX, S_XY, S_ZY): the authors' settings.
-PRESETS: dict[str, tuple[float, tuple[float, float, float, float]]] = {
-    "cepo": (0.2, (0.7, 0.1, 0.1, 0.1)),  # CE-PO default (inferred)
-    "cepo_geometric": (0.0, (0.7, 0.1, 0.1, 0.1)),
-    "accuracy_only": (1.0, (1.0, 0.0, 0.0, 0.0)),  # the outcome-only baseline
-    "jacobian_only": (0.2, (0.0, 1 / 3, 1 / 3, 1 / 3)),  # ablation; the authors also ran it at p = 1
-    "jacobian_only_linear": (1.0, (0.0, 1 / 3, 1 / 3, 1 / 3)),
-    # Reward-hacking study with unhardened scores; the table's 0.133 is 0.4 / 3 rounded.
-    "naive_jacobian": (1.0, (0.6, 0.4 / 3, 0.4 / 3, 0.4 / 3)),
-    "weights_0.5": (0.2, (0.5, 1 / 6, 1 / 6, 1 / 6)),  # weight ablation
-}
-
-# The exponents of the p ablation, all with the "cepo" weights.
-P_ABLATION: tuple[float, ...] = (-2.0, 0.0, 0.2, 0.7, 1.0, 10.0)
-
-
 def normalized_weights(weights: Tensor | Sequence[float], n: int) -> Tensor:
     """Weights as a float64 ``(n,)`` tensor summing to 1: negative and NaN weights become 0, +inf
     weights share all the mass, and all-zero weights become uniform."""

@@ -1,47 +1,50 @@
-"""RL math as pure tensor functions: GRPO (:mod:`cepo.rl.grpo`) and PPO (:mod:`cepo.rl.ppo`)."""
+"""RL math as pure tensor functions, each family in a registry so a YAML option can name a member.
 
-from cepo.rl.grpo import (
+- :mod:`cepo.rl.advantages`: advantage estimators (``grpo``, ``rloo``, ``reinforce_pp``, ``gae``);
+- :mod:`cepo.rl.losses`: policy losses (``clipped_surrogate``), loss aggregations (``grpo``, ``dapo``,
+  ``dr_grpo``), the combined policy objective and the critic's value loss;
+- :mod:`cepo.rl.kl`: KL estimators (``k1``, ``k2``, ``k3``) and the KL coefficient controllers;
+- :mod:`cepo.rl.reductions`: the masked reductions they all share;
+- :mod:`cepo.rl.registry`: the name -> function table.
+"""
+
+from cepo.rl.advantages import (
+    ADVANTAGE_ESTIMATORS,
     ADVANTAGE_SCALES,
-    LOSS_TYPES,
-    aggregate_loss,
-    clipped_surrogate,
-    entropy_from_logits,
+    AdvantageEstimator,
+    AdvantageEstimatorName,
+    AdvantageInputs,
+    batch_std,
+    gae,
     group_advantages,
-    grpo_loss,
-    k3_kl,
-    loss_normalizer,
-    masked_mean,
-    masked_sum,
+    kl_penalized_rewards,
+    per_term_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
     zero_std_fraction,
 )
-from cepo.rl.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
+from cepo.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, KLEstimatorName, k1_kl, k2_kl, k3_kl
+from cepo.rl.losses import (
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    LossAggregationName,
+    PolicyLossName,
+    aggregate_loss,
+    clipped_surrogate,
     clipped_value_loss,
     explained_variance,
-    gae,
-    kl_penalized_rewards,
-    whiten,
+    loss_normalizer,
+    policy_objective,
 )
+from cepo.rl.reductions import entropy_from_logits, local_sum, masked_mean, masked_sum, whiten
+from cepo.rl.registry import Registry
 
 __all__ = [
-    "ADVANTAGE_SCALES",
-    "LOSS_TYPES",
-    "AdaptiveKLController",
-    "FixedKLController",
-    "aggregate_loss",
-    "clipped_surrogate",
-    "clipped_value_loss",
-    "entropy_from_logits",
-    "explained_variance",
-    "gae",
-    "group_advantages",
-    "grpo_loss",
-    "k3_kl",
-    "kl_penalized_rewards",
-    "loss_normalizer",
-    "masked_mean",
-    "masked_sum",
-    "whiten",
-    "zero_std_fraction",
+    "ADVANTAGE_ESTIMATORS", "ADVANTAGE_SCALES", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES",
+    "AdaptiveKLController", "AdvantageEstimator", "AdvantageEstimatorName", "AdvantageInputs", "FixedKLController",
+    "KLEstimatorName", "LossAggregationName", "PolicyLossName", "Registry", "aggregate_loss", "batch_std",
+    "clipped_surrogate", "clipped_value_loss", "entropy_from_logits", "explained_variance", "gae",
+    "group_advantages", "k1_kl", "k2_kl", "k3_kl", "kl_penalized_rewards", "local_sum", "loss_normalizer",
+    "masked_mean", "masked_sum", "per_term_advantages", "policy_objective", "reinforce_pp_advantages",
+    "rloo_advantages", "whiten", "zero_std_fraction",
 ]

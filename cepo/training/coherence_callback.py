@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import lightning as L
 
 from cepo.coherence.scorer import CHANNELS, CoherenceScorer
+from cepo.rewards.base import NetworkReward
 from cepo.rollout import Rollout
 
 NETWORKS = ("reference", "policy")
 
 
-class CoherenceRewardCallback(L.Callback):
+class CoherenceRewardCallback(L.Callback, NetworkReward):
     """The CE-PO coherence reward: scores each rollout's (prompt, rationale, answer) with the Jacobian
     channels S_ZX, S_XY and S_ZY and adds them as the reward terms ``coherence_zx``, ``coherence_xy`` and
     ``coherence_zy``, which the power-mean combiner fuses with accuracy.
 
-    The LightningModule calls :meth:`on_rollout_batch` between generation and the update.
+    A :class:`~cepo.rewards.base.NetworkReward`: the LightningModule finds it among the trainer's callbacks
+    and calls :meth:`score_rollout` with the rollout step between generation and the update.
     """
 
     def __init__(
         self,
         scorer: CoherenceScorer | None = None,
-        network: str = "reference",
+        network: Literal["reference", "policy"] = "reference",
         weight_zx: float = 0.1,
         weight_xy: float = 0.1,
         weight_zy: float = 0.1,
@@ -58,8 +61,8 @@ class CoherenceRewardCallback(L.Callback):
         self.weights = {"zx": float(weight_zx), "xy": float(weight_xy), "zy": float(weight_zy)}
         self.score_during_eval = score_during_eval
 
-    def on_rollout_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, rollout: Rollout) -> None:
-        """Score ``rollout`` and attach the three reward terms and their diagnostics."""
+    def score_rollout(self, pl_module: L.LightningModule, rollout: Rollout, step: int) -> None:
+        """Score ``rollout`` at rollout step ``step`` and attach the three reward terms and their diagnostics."""
         if rollout.stage != "train" and not self.score_during_eval:
             return
         start = time.perf_counter()
@@ -69,7 +72,7 @@ class CoherenceRewardCallback(L.Callback):
             prompts=rollout.prompts,
             rationales=rollout.rationales,
             answers=rollout.answers,
-            step=int(trainer.global_step),
+            step=int(step),
         )
         if self.network == "reference":
             with pl_module.reference_model() as net:
