@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from cepo.answers import AnswerParser, resolve_markers
 from cepo.data.datamodule import PromptBatch
-from cepo.data.prompts import render_prompt
+from cepo.data.prompts import FAMILIES, render_prompt
 from cepo.evaluation.metrics import EvalMetrics, format_table
 from cepo.policy.generation import GenerationConfig, generate_completions
 from cepo.policy.loading import REFERENCE_ADAPTER, PolicyConfig, load_policy, load_tokenizer
@@ -84,13 +84,16 @@ class OptimConfig:
     """Clip the global gradient norm to this value (None disables clipping; the norm is still logged)."""
 
 
+PromptTemplate = Literal[("auto", *FAMILIES)]
+
+
 @dataclass
 class PromptConfig:
     """How an example becomes the prompt Z that the policy sees, and how Y is found in a completion."""
 
-    template: str = "auto"
-    """Prompt family: ``auto`` (each dataset's own), ``raw`` (the question unchanged), ``math``,
-    ``multiple_choice``, ``yes_no`` or ``open``."""
+    template: PromptTemplate = "auto"
+    """Prompt family: ``auto`` (each dataset's own), ``raw`` (the question unchanged; alias ``plain``),
+    ``math``, ``multiple_choice``, ``yes_no`` or ``open``."""
     use_chat_template: bool = False
     """Wrap the prompt with the tokenizer's chat template (instruct models)."""
     system_prompt: str | None = None
