@@ -50,7 +50,7 @@ from cepo.rl.advantages import (
     kl_penalized_rewards,
     zero_std_fraction,
 )
-from cepo.rl.kl import AdaptiveKLController, FixedKLController, KLEstimatorName, k1_kl
+from cepo.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, KLEstimatorName, k1_kl
 from cepo.rl.losses import (
     LossAggregationName,
     PolicyLossName,
@@ -313,6 +313,8 @@ class CEPOModule(LightningModule):
                 f"model.generation.eval_max_new_tokens={self.generation.eval_max_new_tokens} must be >= 1, or "
                 "null to use max_new_tokens"
             )
+        if self.optim.scheduler not in ("constant", "linear", "cosine"):
+            raise ValueError(f"model.optim.scheduler={self.optim.scheduler!r}; choose constant, linear or cosine")
         if not math.isfinite(self.reward_p) and abs(self.reward_p) != math.inf:
             raise ValueError("model.reward_p must be a number (inf and -inf are allowed)")
         loss, adv, kl = self.loss, self.advantage, self.kl
@@ -673,8 +675,6 @@ class CEPOModule(LightningModule):
         return prepared, stats
 
     def _kl_estimator(self):
-        from cepo.rl.kl import KL_ESTIMATORS
-
         return KL_ESTIMATORS[self.kl.resolved_estimator()]
 
     def optimise(self, rollout: Rollout, prepared: dict[str, Any]) -> dict[str, float]:
