@@ -150,7 +150,7 @@ def test_logprob_passes_refuse_a_zero_temperature():
 def toy_rollout(n: int = 4) -> Rollout:
     return Rollout(
         examples=[SimpleNamespace(gold=("1",), answer_kind="text", meta={})] * n, prompts=["p"] * n,
-        completions=["c"] * n, rationales=["r"] * n, answers=["1", "2", "1", "2"][:n],
+        completions=["c"] * n, rationales=["r"] * n, answers=(["1", "2"] * n)[:n],
         marker_found=torch.ones(n, dtype=torch.bool), group_size=2,
         prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.long),
         completion_ids=torch.zeros(n, 1, dtype=torch.long), completion_mask=torch.ones(n, 1, dtype=torch.long),
@@ -205,3 +205,30 @@ def test_reward_weight_overrides_reach_the_fused_reward_and_network_rewards_get_
     unknown._trainer = FakeTrainer(callbacks=[], global_step=0)
     with pytest.raises(ValueError, match="model.reward_weights names 'acuracy'.*accuracy"):
         unknown.score_rollout(toy_rollout())
+
+
+# --- the loop under data parallelism, simulated with threads -------------------------------------------
+
+
+def test_batch_scaled_grpo_in_the_loop_on_two_ranks_equals_one_process():
+    from test_rl_estimators import ThreadRanks
+
+    from cepo.training.module import AdvantageConfig, KLConfig
+
+    # 4 prompts x 4 samples; no KL and one optimiser step, so prepare() runs no forward pass.
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.2, 0.9, 0.9, 0.4, 1.0, 1.0, 1.0, 0.0, 0.3, 0.3, 0.8, 0.1])
+
+    def prepared_advantages(rows: slice, world: int, global_sum=None) -> torch.Tensor:
+        module = GRPO(advantage=AdvantageConfig(scale="batch"), kl=KLConfig(coef=0.0), group_size=4)
+        reduce = (lambda value, reduce_op: global_sum(value)) if global_sum else None
+        module._trainer = SimpleNamespace(world_size=world, strategy=SimpleNamespace(reduce=reduce))
+        rollout = toy_rollout(16)
+        rollout = Rollout(**{**rollout.__dict__, **{k: getattr(rollout, k)[rows] for k in (
+            "prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated", "marker_found")},
+            "examples": rollout.examples[rows], "group_size": 4})
+        prepared, _ = module.prepare(rollout, scores[rows])
+        return prepared["advantages"]
+
+    single = prepared_advantages(slice(0, 16), world=1)
+    both = ThreadRanks(2).run(lambda rows, gsum: prepared_advantages(rows, 2, gsum), [slice(0, 8), slice(8, 16)])
+    torch.testing.assert_close(torch.cat(both), single)
