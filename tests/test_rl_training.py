@@ -227,7 +227,7 @@ def test_batch_scaled_grpo_in_the_loop_on_two_ranks_equals_one_process():
             "prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated", "marker_found")},
             "examples": rollout.examples[rows], "group_size": 4})
         prepared, _ = module.prepare(rollout, scores[rows])
-        return prepared["advantages"]
+        return prepared.advantages
 
     single = prepared_advantages(slice(0, 16), world=1)
     both = ThreadRanks(2).run(lambda rows, gsum: prepared_advantages(rows, 2, gsum), [slice(0, 8), slice(8, 16)])

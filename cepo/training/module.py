@@ -173,6 +173,26 @@ class KLConfig:
         return self.estimator or ("k3" if self.placement == "loss" else "k1")
 
 
+@dataclass
+class PreparedRollout:
+    """What :meth:`CEPOModule.prepare` computes once per rollout for the optimisation (no gradients)."""
+
+    mask: torch.Tensor
+    """(N, T) completion tokens, float."""
+    advantages: torch.Tensor
+    """(N,) per sequence or (N, T) per token."""
+    returns: torch.Tensor | None = None
+    """(N, T) regression targets of the critic (estimators that produce them)."""
+    old_logp: torch.Tensor | None = None
+    """(N, T) log-probs at rollout time; None when the policy cannot have moved before the loss is taken."""
+    ref_logp: torch.Tensor | None = None
+    """(N, T) log-probs of the frozen reference; None without a KL term."""
+    values: torch.Tensor | None = None
+    """(N, T) the critic's values at rollout time."""
+    sequence_kl: float = 0.0
+    """Mean over sequences of the summed k1 KL to the reference (for the adaptive KL controller)."""
+
+
 def fold_optimizer_steps(trainer, optimizer_steps_this_rollout: int) -> None:
     """Make ``trainer.global_step`` count rollouts, not optimiser steps: the one place that touches
     Lightning's private progress counters.
@@ -581,11 +601,11 @@ class CEPOModule(LightningModule):
         self._steps_this_rollout = 0
         prepared, stats = self.prepare(rollout, rewards.to(self.device))
         stats.update(self.optimise(rollout, prepared))
-        self.kl_controller.update(prepared.get("sequence_kl", 0.0), len(rollout) * self.trainer.world_size)
+        self.kl_controller.update(prepared.sequence_kl, len(rollout) * self.trainer.world_size)
         times["time/update_s"] = time.perf_counter() - start
         self.rollout_step += 1
         times["time/step_s"] = time.perf_counter() - step_start
-        self.log_rollout(rollout, {**stats, **times}, prepared["advantages"])
+        self.log_rollout(rollout, {**stats, **times}, prepared.advantages)
 
     def _logprob_temperature(self) -> float:
         # Log-probs divide the logits by the sampling temperature; 0 would turn every weight into NaN.
@@ -616,7 +636,7 @@ class CEPOModule(LightningModule):
             values.append(self.critic.value_head(hidden))
         return torch.cat(logps), torch.cat(values)
 
-    def prepare(self, rollout: Rollout, scores: torch.Tensor) -> tuple[dict[str, Any], dict[str, float]]:
+    def prepare(self, rollout: Rollout, scores: torch.Tensor) -> tuple[PreparedRollout, dict[str, float]]:
         """Everything the optimisation needs, computed once per rollout without gradients: old and
         reference log-probs, values, token rewards, advantages (and returns for the critic)."""
         tensors = self.rollout_tensors(rollout)
@@ -642,12 +662,11 @@ class CEPOModule(LightningModule):
             stats["time/values_s"] = time.perf_counter() - start
         global_sum = self.global_sum if self._world_size() > 1 else None
 
-        prepared: dict[str, Any] = {"mask": mask, "old_logp": old_logp, "ref_logp": ref_logp, "values": values}
         token_rewards = None
+        sequence_kl = 0.0
         if old_logp is not None and ref_logp is not None:
             k1 = k1_kl(old_logp, ref_logp)  # (B, T)
-            prepared["sequence_kl"] = self._global_mean(masked_sum(k1, mask, dim=-1).mean())
-            stats["kl_sequence"] = prepared["sequence_kl"]
+            sequence_kl = stats["kl_sequence"] = self._global_mean(masked_sum(k1, mask, dim=-1).mean())
         if self.estimator.needs_token_rewards:
             in_reward = self.kl.placement == "reward" and ref_logp is not None
             kl = (self._kl_estimator()(old_logp, ref_logp) if in_reward else torch.zeros_like(mask))
@@ -671,17 +690,18 @@ class CEPOModule(LightningModule):
             stats["advantage_abs_mean"] = float(advantages.abs().mean())
         else:
             stats["advantage_abs_mean"] = float(masked_mean(advantages.abs(), mask))
-        prepared.update(advantages=advantages, returns=returns)
+        prepared = PreparedRollout(mask=mask, advantages=advantages, returns=returns, old_logp=old_logp,
+                                   ref_logp=ref_logp, values=values, sequence_kl=sequence_kl)
         return prepared, stats
 
     def _kl_estimator(self):
         return KL_ESTIMATORS[self.kl.resolved_estimator()]
 
-    def optimise(self, rollout: Rollout, prepared: dict[str, Any]) -> dict[str, float]:
+    def optimise(self, rollout: Rollout, prepared: PreparedRollout) -> dict[str, float]:
         """``num_iterations`` passes over the mini-batches; one optimiser step per mini-batch, accumulated
         over micro-batches. Returns the mean of each statistic over the optimiser steps."""
-        mask, old_logp, ref_logp = prepared["mask"], prepared["old_logp"], prepared["ref_logp"]
-        advantages, returns, old_values = prepared["advantages"], prepared["returns"], prepared["values"]
+        mask, old_logp, ref_logp = prepared.mask, prepared.old_logp, prepared.ref_logp
+        advantages, returns, old_values = prepared.advantages, prepared.returns, prepared.values
         temperature = self._logprob_temperature()
         kl_in_loss = self.kl.placement == "loss"
         kl_coef = self.kl_controller.value if kl_in_loss else 0.0
