@@ -67,6 +67,7 @@ def test_load_records_formats(tmp_path):
     (tmp_path / "folder").mkdir()
     write_jsonl(tmp_path / "folder" / "test.jsonl", rows)
     assert load_records(str(tmp_path / "folder"), split="test") == rows
+    assert load_records(str(tmp_path / "folder")) == rows  # the only split needs no name
 
 
 def test_load_records_errors(tmp_path):

@@ -292,8 +292,6 @@ def _read_folder(folder: Path, split: str | None, config_name: str | None, on_er
     for suffix in _FOLDER_SUFFIXES:
         for candidate in sorted(folder.glob(f"*{suffix}")):
             files.setdefault(candidate.stem, candidate)
-    if split is None and len(files) == 1:
-        split = next(iter(files))
     if split is not None and split in files:
         return _read_file(files[split], split, on_error)
     if _is_hub_layout(folder):
@@ -303,6 +301,9 @@ def _read_folder(folder: Path, split: str | None, config_name: str | None, on_er
         except (ValueError, FileNotFoundError) as error:
             raise ValueError(f"{folder}: `datasets` could not read this folder ({error})") from error
         return _dataset_rows(loaded, split, str(folder))
+    if split is None and len(files) == 1:
+        (only, path), = files.items()
+        return _read_file(path, only, on_error)
     if split is None:
         found = f"it holds the splits {', '.join(files)}; " if files else ""
         raise ValueError(f"{folder} is a folder; {found}set split (e.g. split='train') to pick a file in it")
@@ -464,8 +465,9 @@ class Row:
 
     ``fields`` is the record; ``index`` its 0-based position among the records (``meta["row"]`` and the
     default example id use it); ``source`` the name stored in ``Example.source``; ``question_field`` and
-    ``answer_field`` the columns the user named. The helpers raise for a missing or empty field, and an adapter calls
-    :func:`reject` for any other problem; either becomes an error naming the row, or a counted skip.
+    ``answer_field`` the columns the user named. The helpers raise for a missing or empty field, and an
+    adapter calls :func:`reject` for any other problem; either becomes an error naming the row, or a
+    counted skip.
     """
 
     fields: Mapping[str, Any]
