@@ -43,7 +43,8 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     assert load_examples(str(tmp_path / "saved"), "gsm8k").examples == reference(tmp_path, TRAIN, "train")
     assert load_records(str(tmp_path / "saved"), split="ignored for one Dataset") == TRAIN
 
-    both = datasets.DatasetDict({"train": datasets.Dataset.from_list(TRAIN), "test": datasets.Dataset.from_list(TEST)})
+    both = datasets.DatasetDict({"train": datasets.Dataset.from_list(TRAIN),
+                                 "test": datasets.Dataset.from_list(TEST)})
     both.save_to_disk(str(tmp_path / "saved_dict"))
     test = load_examples(str(tmp_path / "saved_dict"), "gsm8k", split="test").examples
     assert test == reference(tmp_path, TEST, "test")
@@ -72,8 +73,22 @@ def test_hub_layout_folder_of_parquet_shards(tmp_path):
         load_records(str(repo), split="validation")
 
 
+def test_hub_snapshot_with_configurations(tmp_path):
+    # the layout of openai/gsm8k: one folder per configuration, declared in the README's YAML header
+    repo = tmp_path / "snapshot"
+    for config, rows in (("main", TEST), ("socratic", TRAIN)):
+        (repo / config).mkdir(parents=True)
+        datasets.Dataset.from_list(rows).to_parquet(str(repo / config / "test-00000-of-00001.parquet"))
+    header = "".join(f"- config_name: {c}\n  data_files:\n  - split: test\n    path: {c}/test-*\n"
+                     for c in ("main", "socratic"))
+    (repo / "README.md").write_text(f"---\nconfigs:\n{header}---\n", encoding="utf-8")
+    assert load_records(str(repo), "test", config_name="main") == TEST
+    assert load_records(str(repo), "test", config_name="socratic") == TRAIN
+
+
 def test_a_row_of_a_hub_format_is_named_by_its_index(tmp_path):
-    datasets.Dataset.from_list([*TEST, {"question": "no marker", "answer": "5"}]).to_parquet(str(tmp_path / "t.parquet"))
+    rows = [*TEST, {"question": "no marker", "answer": "5"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "t.parquet"))
     with pytest.raises(ValueError, match=r"t\.parquet, index 2: answer has no '#### <number>'"):
         load_examples(str(tmp_path / "t.parquet"), "gsm8k")
     loaded = load_examples(str(tmp_path / "t.parquet"), "gsm8k", on_error="skip")
