@@ -95,3 +95,15 @@ def test_accuracy_only_preset_still_logs_the_channel_scores(tmp_path, monkeypatc
     assert_channel_scores_logged(cli)
     # Channels with weight 0 are dropped from the power mean: the fused reward is the accuracy.
     assert logged(cli, "train/reward_mean") == pytest.approx(logged(cli, "train/rewards/accuracy_mean"), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_per_term_advantages_with_a_std_floor_train_on_the_coherence_terms(tmp_path, monkeypatch):
+    cli = fit(tmp_path, monkeypatch, "cepo", "--model.init_args.advantage.per_term", "true",
+              "--model.init_args.advantage.min_std", "0.05")
+    assert cli.model.advantage.per_term and cli.model.advantage.min_std == 0.05
+    assert_channel_scores_logged(cli)
+    # Per-term advantages are a convex combination of per-term z-scores, and a z-score (unbiased std) is at
+    # most (G - 1) / sqrt(G) = 0.7071 in size for G = 2 (the floor only shrinks it): no advantage exceeds it.
+    assert 0.0 <= logged(cli, "train/advantage_abs_mean") <= 1 / math.sqrt(2) + 1e-6
+    assert lora_moved(cli.model.policy)
