@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from cepo.data.datamodule import PromptDataModule
 from cepo.training.checkpointing import LatestCheckpoint
 from cepo.training.module import CEPOModule
+from cepo.training.predict import PredictionWriter
 
 
 class CEPOCLI(LightningCLI):
@@ -31,6 +32,7 @@ class CEPOCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(LatestCheckpoint, "latest_checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "prediction")  # `cepo predict`'s output options
 
     def before_fit(self) -> None:
         self._check_trainer()
