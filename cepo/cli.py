@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 
 from jsonargparse import lazy_instance, set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from cepo.data.datamodule import PromptDataModule
 from cepo.training.checkpointing import LatestCheckpoint
+from cepo.training.export import AdapterCheckpoint, CEPOTrainer, MergedExport
 from cepo.training.module import CEPOModule
 from cepo.training.predict import PredictionWriter
 
@@ -23,7 +23,7 @@ class CEPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"model": {"class_path": "cepo.training.module.GRPO"}})
         # Checkpoints follow a validation accuracy, never the RL loss (which is not a progress signal).
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")  # + <ckpt>-adapter/ beside each
         parser.set_defaults({
             "checkpoint.monitor": "val/accuracy",
             "checkpoint.mode": "max",
@@ -33,6 +33,12 @@ class CEPOCLI(LightningCLI):
         })
         parser.add_lightning_class_args(LatestCheckpoint, "latest_checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction")  # `cepo predict`'s output options
+        parser.add_lightning_class_args(MergedExport, "merge")  # --merge.at_fit_end true: merged model
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # `cepo export`: merge a checkpoint's LoRA adapter into the base weights (CEPOTrainer.export).
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def before_fit(self) -> None:
         self._check_trainer()
@@ -58,6 +64,7 @@ def main(args: list[str] | None = None) -> CEPOCLI:
     return CEPOCLI(
         CEPOModule,
         PromptDataModule,
+        trainer_class=CEPOTrainer,
         subclass_mode_model=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
