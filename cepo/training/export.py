@@ -132,15 +132,15 @@ def model_card(module: LightningModule, datamodule, callbacks: list, run_dir: Pa
         lines += [f"At rollout step {step} (greedy unless the run set an evaluation temperature):", "",
                   "| dataset | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for row in rows:
-            cells = [_cell(row.get(k, "")) for k in keys]
+            cells = [_cell(k, row.get(k, "")) for k in keys]
             lines.append(f"| {row['dataset']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() and abs(value) >= 1 else f"{value:.3f}"
-    return str(value)
+def _cell(key: str, value: Any) -> str:
+    if key in ("n", "skipped") and isinstance(value, (int, float)):
+        return str(int(value))  # counts
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks

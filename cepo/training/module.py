@@ -477,7 +477,7 @@ class CEPOModule(LightningModule):
 
     def predict_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> PredictionBatch:
         """``cepo predict``: the completions, decoded as in validation; ``PredictionWriter`` writes them."""
-        return PredictionBatch(self.make_rollout(batch, "predict"))
+        return PredictionBatch(self.make_rollout(batch, "predict"), batch.source)
 
     def _eval_end(self, stage: str) -> dict[str, dict[str, float]]:
         results = {name: metric.compute() for name, metric in self._eval_metrics.items()}

@@ -25,8 +25,10 @@ from cepo.training.coherence_callback import CoherenceRewardCallback
 STDOUT = "-"
 
 
-def prediction_records(rollout: Rollout, coherence: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
-    """One JSON-ready record per completion of ``rollout``.
+def prediction_records(rollout: Rollout, dataset: str, coherence: dict[str, torch.Tensor] | None = None
+                       ) -> list[dict[str, Any]]:
+    """One JSON-ready record per completion of ``rollout``, whose questions come from the source named
+    ``dataset``.
 
     ``correct`` is present only when the question has a gold answer; it is the accuracy reward's verdict
     (``answers_match`` under the example's matching rule). ``coherence`` maps channel names to ``(N,)``
@@ -36,7 +38,7 @@ def prediction_records(rollout: Rollout, coherence: dict[str, torch.Tensor] | No
     group = max(rollout.group_size, 1)
     for i, example in enumerate(rollout.examples):
         record: dict[str, Any] = {
-            "dataset": example.source,
+            "dataset": dataset,
             "id": example.id,
             "sample": i % group,
             "question": example.question,
@@ -65,12 +67,12 @@ class PredictionBatch:
     ``trainer.predict(...)`` returns a list of these (``records()`` gives the JSON lines).
     """
 
-    def __init__(self, rollout: Rollout) -> None:
-        self.rollout = rollout
+    def __init__(self, rollout: Rollout, dataset: str) -> None:
+        self.rollout, self.dataset = rollout, dataset
         self.coherence: dict[str, torch.Tensor] | None = None
 
     def records(self) -> list[dict[str, Any]]:
-        return prediction_records(self.rollout, self.coherence)
+        return prediction_records(self.rollout, self.dataset, self.coherence)
 
 
 class PredictionWriter(Callback):
