@@ -21,7 +21,8 @@ _TEXT_SUFFIXES = (".txt", "")
 class PromptFile(DatasetSource):
     """Questions read from ``path``: ``.jsonl``/``.json``/``.csv`` rows with a question field and an
     optional answer field, a ``.txt`` file with one question per line, or ``-`` for stdin (one JSON
-    object or one plain-text question per line)."""
+    object or one plain-text question per line). Questions are used as written (a JSON question keeps its
+    trailing newline, which some prompt formats need)."""
 
     def __init__(
         self,
@@ -80,7 +81,7 @@ class PromptFile(DatasetSource):
         gold = () if answer is None or str(answer).strip() == "" else (str(answer).strip(),)
         row_id = row.get("id")
         return Example(
-            question=question.strip(), gold=gold, answer_kind=self.answer_kind, source=self.name,
+            question=question, gold=gold, answer_kind=self.answer_kind, source=self.name,
             id=str(row_id) if isinstance(row_id, (str, int)) else f"{self.name}-{index}", meta={"row": index},
         )
 
