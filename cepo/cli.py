@@ -20,6 +20,10 @@ from cepo.training.predict import PredictionWriter
 
 
 class CEPOCLI(LightningCLI):
+    def __init__(self, *args, trainer_class=CEPOTrainer, **kwargs) -> None:
+        # CEPOTrainer adds the `export` subcommand; it is the default however the CLI is built.
+        super().__init__(*args, trainer_class=trainer_class, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"model": {"class_path": "cepo.training.module.GRPO"}})
         # Checkpoints follow a validation accuracy, never the RL loss (which is not a progress signal).
@@ -64,7 +68,6 @@ def main(args: list[str] | None = None) -> CEPOCLI:
     return CEPOCLI(
         CEPOModule,
         PromptDataModule,
-        trainer_class=CEPOTrainer,
         subclass_mode_model=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
