@@ -129,3 +129,19 @@ def test_prompt_file_names_the_problem(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO('{"question": "broken"\n'))
     with pytest.raises(ValueError, match="stdin line 1"):
         PromptFile("-").load()
+
+
+@pytest.mark.slow
+def test_sampled_predictions_follow_the_evaluation_sampling_options(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "Q: 7+5-3 hint: 9\\n", "answer": "9"}\n{"question": "Q: 2+6-1 hint: 7\\n"}\n')
+    out = tmp_path / "sampled.jsonl"
+    base = [*run_args(tmp_path), "--data.predict+=cepo.PromptFile", "--data.predict.path", str(questions),
+            "--prediction.output", str(out), "--model.init_args.eval_num_samples", "8"]
+    main(["predict", *base, "--model.init_args.generation.eval_temperature", "1.5"])
+    records = read_jsonl(out)
+    assert [(r["id"], r["sample"]) for r in records] == [(f"q-{i}", s) for i in range(2) for s in range(8)]
+    assert len({r["completion"] for r in records[:8]}) > 1, "eight samples at T=1.5 are not all the same"
+    # Greedy sampling options are refused rather than silently repeated.
+    with pytest.raises(ValueError, match="eval_temperature"):
+        main(["predict", *base])
