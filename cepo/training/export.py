@@ -111,7 +111,7 @@ def model_card(module: LightningModule, datamodule, callbacks: list, run_dir: Pa
                rollout_step: int) -> str:
     """A short README: base model, data, reward, and the validation metrics of the exported weights."""
     config = module.policy_config
-    lines = ["---", "library_name: transformers", "tags: [cepo, ce-po, grpo, lora-merged]", "---", "",
+    lines = ["---", "library_name: transformers", f"tags: [cepo, {module.algorithm}, lora-merged]", "---", "",
              f"# {config.name_or_path} fine-tuned with cepo ({module.algorithm.upper()})", "",
              "LoRA adapter merged into the base weights; loads with "
              "`AutoModelForCausalLM.from_pretrained(<this folder>)`.", "",
@@ -222,7 +222,7 @@ class CEPOTrainer(Trainer):
             path = Path(ckpt_path).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-            checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
+            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
             model.on_load_checkpoint(checkpoint)
             model.load_state_dict(checkpoint["state_dict"])
             step = model.rollout_step
