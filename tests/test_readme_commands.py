@@ -26,6 +26,7 @@ PREDICT_STDIN = ("""printf '%s\\n' '{"question": "Q: 7+5-3 hint: 9\\n", "answer"
 OVERRIDE = ("cepo fit --config configs/quickstart.yaml --config configs/rewards/cepo.yaml "
             "--trainer.callbacks.scorer.num_counterfactuals 2 --trainer.callbacks.network policy "
             "--trainer.callbacks.weight_zx 0.2 --trainer.callbacks.weight_xy 0.1 --trainer.callbacks.weight_zy 0.05")
+CALLBACK_HELP = "cepo fit --trainer.callbacks.help CoherenceRewardCallback"
 SMALL = ["--data.prompts_per_step", "4", "--data.eval_batch_size", "8", "--model.init_args.group_size", "4",
          "--model.init_args.micro_batch_size", "8", "--trainer.limit_val_batches", "1",
          "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar", "false"]
@@ -39,8 +40,18 @@ def run(command: str, *extra: str):
 
 
 def test_the_commands_are_the_readmes():
-    for command in (FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN, OVERRIDE):
+    for command in (FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN, OVERRIDE, CALLBACK_HELP):
         assert command in README, command
+
+
+def test_readme_callback_help_lists_the_overridden_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(CALLBACK_HELP)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--trainer.callbacks.scorer", "--trainer.callbacks.network", "--trainer.callbacks.weight_zx",
+                   "--trainer.callbacks.weight_xy", "--trainer.callbacks.weight_zy"):
+        assert option in text, option
 
 
 @pytest.mark.slow
