@@ -113,6 +113,7 @@ class PredictionWriter(Callback):
                 path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
             path.parent.mkdir(parents=True, exist_ok=True)
             self.path, self._handle = path, path.open("w")
+        self._scoring = None
         if self.coherence:
             configured = [cb for cb in trainer.callbacks if isinstance(cb, CoherenceRewardCallback)]
             self._scoring = configured[0] if configured else CoherenceRewardCallback()
