@@ -2,6 +2,7 @@
 
 from cepo.coherence.scorer import CoherenceScorer
 from cepo.data.datamodule import PromptDataModule
+from cepo.data.prompt_file import PromptFile
 from cepo.data.sources import DatasetSource, FileDataset, PaperMix, ShortcutTask
 from cepo.rewards.base import AccuracyReward, FormatReward, NetworkReward, RewardFunction
 from cepo.training.coherence_callback import CoherenceRewardCallback
@@ -9,7 +10,7 @@ from cepo.training.module import GRPO, PPO, RLOO, CEPOModule, ReinforcePP
 
 __all__ = [
     "AccuracyReward", "CEPOModule", "CoherenceRewardCallback", "CoherenceScorer", "DatasetSource", "FileDataset",
-    "FormatReward", "GRPO", "NetworkReward", "PaperMix", "PPO", "PromptDataModule", "RLOO", "ReinforcePP",
-    "RewardFunction", "ShortcutTask",
+    "FormatReward", "GRPO", "NetworkReward", "PaperMix", "PPO", "PromptDataModule", "PromptFile", "RLOO",
+    "ReinforcePP", "RewardFunction", "ShortcutTask",
 ]
 __version__ = "0.1.0"

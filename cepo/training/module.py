@@ -62,6 +62,7 @@ from cepo.rl.losses import (
 from cepo.rl.reductions import masked_mean, masked_sum, whiten
 from cepo.rollout import Rollout
 from cepo.training.critic import CRITIC_ADAPTER, Critic, CriticConfig
+from cepo.training.predict import PredictionBatch
 
 
 @dataclass
@@ -927,6 +928,10 @@ class CEPOModule(LightningModule):
 
     def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch)
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> PredictionBatch:
+        """``cepo predict``: the completions, decoded as in validation; ``PredictionWriter`` writes them."""
+        return PredictionBatch(self.make_rollout(batch, "predict"), batch.source)
 
     def _eval_end(self, stage: str) -> dict[str, dict[str, float]]:
         results = {name: metric.compute() for name, metric in self._eval_metrics.items()}
