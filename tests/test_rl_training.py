@@ -232,3 +232,14 @@ def test_batch_scaled_grpo_in_the_loop_on_two_ranks_equals_one_process():
     single = prepared_advantages(slice(0, 16), world=1)
     both = ThreadRanks(2).run(lambda rows, gsum: prepared_advantages(rows, 2, gsum), [slice(0, 8), slice(8, 16)])
     torch.testing.assert_close(torch.cat(both), single)
+
+
+def test_a_callback_with_the_old_reward_hook_is_refused_not_skipped():
+    class OldStyle:
+        def on_rollout_batch(self, trainer, pl_module, rollout):
+            rollout.add_reward("old", torch.ones(len(rollout)), 1.0)
+
+    module = GRPO()
+    module._trainer = FakeTrainer(callbacks=[OldStyle()], datamodule=None)
+    with pytest.raises(TypeError, match="OldStyle.*cepo.NetworkReward.*score_rollout"):
+        module.setup("validate")

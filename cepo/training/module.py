@@ -422,6 +422,7 @@ class CEPOModule(LightningModule):
             self.freeze_inactive_adapters()
 
     def setup(self, stage: str) -> None:
+        self.check_reward_callbacks()
         if stage != "fit":
             return
         self.check_training_options()
@@ -431,6 +432,18 @@ class CEPOModule(LightningModule):
         weighted = {r.name: self.reward_weights.get(r.name, r.weight) for r in self.reward_functions}
         if sum(weighted.values()) == 0 and not self.network_rewards():
             raise ValueError("every reward has weight 0 and no reward callback is configured: nothing to optimise")
+
+    def check_reward_callbacks(self) -> None:
+        """Refuse a callback that looks like a reward but does not declare itself one: it would be skipped
+        silently, since rewards are found by type."""
+        for callback in self.trainer.callbacks if self._trainer else []:
+            looks_like_reward = hasattr(callback, "on_rollout_batch") or hasattr(callback, "score_rollout")
+            if looks_like_reward and not isinstance(callback, NetworkReward):
+                raise TypeError(
+                    f"trainer.callbacks holds {type(callback).__name__}, which looks like a reward but is not a "
+                    "cepo.NetworkReward; subclass cepo.NetworkReward and implement "
+                    "score_rollout(module, rollout, step) (the old on_rollout_batch hook is no longer called)"
+                )
 
     def network_rewards(self) -> list[NetworkReward]:
         """The trainer's callbacks that are rewards needing the network (found by type)."""
