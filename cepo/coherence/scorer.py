@@ -42,7 +42,11 @@ class CoherenceResult:
     rationale; ``zy``: S_ZY, the answer's direct dependence on the prompt (the part not carried through
     the rationale). ``diagnostics`` maps names to ``(N,)`` tensors: ``{c}_shape`` and ``{c}_magnitude``
     (the two factors of each score), ``{c}_norm`` (the Frobenius norm of the base matrix ``J_c``) and
-    ``zy_total_norm`` (``||J_ZYtot||`` before the direct-effect projection).
+    ``zy_total_norm`` (``||J_ZYtot||`` before the direct-effect projection), and per-row flags (1.0 or
+    0.0; their logged means are fractions of the batch): ``duplicate`` (the same texts as an earlier
+    row, whose scores it shares: scored once), ``skipped_nonfinite`` (an inf or NaN in its Jacobians:
+    scored at the floor), ``truncated`` (cut to fit the model's positions) and ``content_not_found``
+    (its prompt content was not in its prompt: the whole prompt was shuffled).
     """
 
     zx: Tensor
@@ -109,6 +113,10 @@ class CoherenceScorer:
     two vector-Jacobian products; the K shuffled rationales need only G_Y at their X~ rows, so they share
     one cached, gradient-free pass over the rollout's prompt prefix ``[Z] <eos>`` and run only the suffix
     ``[X~] <eos> [Y]``. Models with sliding-window attention run full sequences instead.
+
+    A rollout's scores are a function of its texts and the step (the counterfactual draws are seeded by
+    them), so each distinct (prompt, rationale, answer) is scored once per call and the scores are
+    copied to its duplicates: late in training many of a group's G completions are identical.
     """
 
     def __init__(
