@@ -65,24 +65,34 @@ def main() -> None:
     args = parser.parse_args()
     load_before = load_average()
     preset = ["--config", str(ROOT / "configs" / "rewards" / "cepo.yaml")]
+    accuracy_only = ["--config", str(ROOT / "configs" / "rewards" / "accuracy_only.yaml")]
     arms = {
         "GRPO (accuracy only)": [],
         "CE-PO, K = 1": preset + ["--config", coherence_overlay(1)],
         "CE-PO, K = 4": preset + ["--config", coherence_overlay(4)],
+        # Coherence scored at weight 0: the same trajectory as plain GRPO, so the difference is the scorer.
+        "GRPO + coherence at weight 0, K = 4": accuracy_only + ["--config", coherence_overlay(4, (0.0, 0.0, 0.0))],
     }
     pooled = alternate(arms, args.rounds, args.steps, args.warmup, args.threads)
     base = pooled["GRPO (accuracy only)"]
     base_step, base_rss = median(base["step_s"]), base["peak_rss_mb"]
     print()
-    print("| arm | s / step (median) | x GRPO | coherence s / step | distinct rollouts | peak RSS MB | x GRPO |")
-    print("|---|---|---|---|---|---|---|")
+    print("| arm | s / step | x GRPO | x same step without coherence | generate s | coherence s | update s | "
+          "completion tokens | distinct rollouts | peak RSS MB | x GRPO |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, entry in pooled.items():
         step, rss = median(entry["step_s"]), entry["peak_rss_mb"]
         coherence = median(entry["coherence_s"]) if any(entry["coherence_s"]) else 0.0
         distinct = [d for d in entry["distinct"] if d == d]
         share = f"{statistics.mean(distinct):.0%}" if distinct else "-"
-        print(f"| {name} | {step:.3f} | {step / base_step:.2f} | {coherence:.3f} | {share} | {rss:.0f} | "
-              f"{rss / base_rss:.2f} |")
+        phases = entry["phases"]
+        # Within one step the load is the same for both parts, so this ratio resists load swings between runs.
+        own = median([t / (t - c) for t, c in zip(entry["step_s"], entry["coherence_s"])])
+        print(f"| {name} | {step:.3f} | {step / base_step:.2f} | {own:.2f} | {median(phases['generate']):.3f} | "
+              f"{coherence:.3f} | {median(phases['update']):.3f} | {statistics.mean(entry['length']):.1f} | "
+              f"{share} | {rss:.0f} | {rss / base_rss:.2f} |")
+    print("(medians over steps; update includes the reference log-prob pass; completion tokens: mean length; "
+          "'x same step without coherence': median over steps of step / (step - coherence))")
     if not args.no_error:
         print()
         print("\n".join(approximation_error(args.threads)))

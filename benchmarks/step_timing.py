@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+PHASES = ("generate", "reference", "update")  # per-phase seconds the module logs (update includes reference)
 
 
 def load_average() -> float:
@@ -66,14 +67,20 @@ def run_arm(args: list[str], steps: int, warmup: int, threads: int, timeout: flo
         raise RuntimeError(f"arm {args} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(lines[-1])
     result["step_s"] = result["step_s"][warmup:]
-    result["coherence_s"] = result["coherence_s"][warmup:]
+    for key in ("coherence_s", "distinct", "length"):
+        result[key] = result[key][warmup:]
+    result["phases"] = {key: values[warmup:] for key, values in result["phases"].items()}
     return result
 
 
 def alternate(arms: dict[str, list[str]], rounds: int, steps: int, warmup: int, threads: int) -> dict[str, dict]:
     """Every arm ``rounds`` times, in alternating order; per arm the pooled step and coherence times and
     the largest peak resident memory of its runs."""
-    pooled = {name: {"step_s": [], "coherence_s": [], "peak_rss_mb": 0.0, "distinct": []} for name in arms}
+    pooled = {
+        name: {"step_s": [], "coherence_s": [], "peak_rss_mb": 0.0, "distinct": [], "length": [],
+               "phases": {key: [] for key in PHASES}}
+        for name in arms
+    }
     for r in range(rounds):
         names = list(arms) if r % 2 == 0 else list(reversed(arms))
         for name in names:
@@ -82,6 +89,9 @@ def alternate(arms: dict[str, list[str]], rounds: int, steps: int, warmup: int, 
             entry["step_s"] += result["step_s"]
             entry["coherence_s"] += result["coherence_s"]
             entry["distinct"] += result["distinct"]
+            entry["length"] += result["length"]
+            for key in PHASES:
+                entry["phases"][key] += result["phases"].get(key, [])
             entry["peak_rss_mb"] = max(entry["peak_rss_mb"], result["peak_rss_mb"])
             print(f"  round {r + 1}, {name}: median step {statistics.median(result['step_s']):.3f} s", flush=True)
     return pooled
@@ -111,6 +121,8 @@ def _child(argv: list[str]) -> None:
     step_s: list[float] = []
     coherence_s: list[float] = []
     distinct: list[float] = []
+    phases: dict[str, list[float]] = {}
+    lengths: list[float] = []
     training_step = CEPOModule.training_step
     log_rollout = CEPOModule.log_rollout
 
@@ -122,6 +134,9 @@ def _child(argv: list[str]) -> None:
 
     def recorded(self, rollout, stats):
         coherence_s.append(float(rollout.stats.get("time/coherence_s", 0.0)))
+        for key in PHASES:
+            phases.setdefault(key, []).append(float(stats.get(f"time/{key}_s", rollout.stats.get(f"time/{key}_s", 0.0))))
+        lengths.append(float(rollout.completion_mask.float().sum(-1).mean()))
         duplicate = rollout.stats.get("coherence/duplicate")
         distinct.append(float("nan") if duplicate is None else 1.0 - float(duplicate))
         return log_rollout(self, rollout, stats)
@@ -137,8 +152,8 @@ def _child(argv: list[str]) -> None:
     main(args)
     shutil.rmtree(root, ignore_errors=True)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    print(json.dumps({"step_s": step_s, "coherence_s": coherence_s, "distinct": distinct,
-                      "peak_rss_mb": peak_kb / 1024}))
+    print(json.dumps({"step_s": step_s, "coherence_s": coherence_s, "distinct": distinct, "phases": phases,
+                      "length": lengths, "peak_rss_mb": peak_kb / 1024}))
 
 
 if __name__ == "__main__":
