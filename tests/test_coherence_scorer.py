@@ -117,7 +117,7 @@ def test_cached_prefix_gives_the_full_sequence_gradients(tiny_llama, char_tokeni
     scorer = CoherenceScorer(micro_batch_size=3)  # suffixes of one rollout split across passes
     cf_p, cf_x = explicit_counterfactuals(k=3)
     cf_x[0][1] = ""  # an empty shuffled rationale: no rows
-    sequences, _ = scorer._sequences(char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x)
+    sequences = scorer._sequences(char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x)
     shuffled = [seq for seq in sequences if seq.kind == _RATIONALE_CF]
     eos, pad = char_tokenizer.eos_token_id, char_tokenizer.pad_token_id
     assert _PrefixCache.build(tiny_llama, [[5, 6, eos], [7, eos]], pad) is not None  # the cached path runs

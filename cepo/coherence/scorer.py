@@ -63,6 +63,7 @@ class _Sequence:
     z: list[int]
     x: list[int]
     y: list[int]
+    truncated: bool = False  # cut to fit the model's positions
 
     def __len__(self) -> int:
         return len(self.z) + len(self.x) + len(self.y) + 2
@@ -259,9 +260,8 @@ class CoherenceScorer:
             step,
         )
         limit = _position_limit(model)
-        sequences, truncated = self._sequences(
-            tokenizer, u_prompts, u_rationales, u_answers, cf_prompts, cf_rationales, limit, rows
-        )
+        sequences = self._sequences(tokenizer, u_prompts, u_rationales, u_answers, cf_prompts, cf_rationales, limit, rows)
+        truncated = {seq.rollout for seq in sequences if seq.truncated}
         n_z_cf = len(cf_prompts[0]) if cf_prompts else 0
         n_x_cf = len(cf_rationales[0]) if cf_rationales else 0
 
@@ -325,8 +325,8 @@ class CoherenceScorer:
         return [list(t) for t in given_prompts], [list(t) for t in given_rationales], not_found
 
     def _sequences(self, tokenizer, prompts, rationales, answers, cf_prompts, cf_rationales, limit=None, rows=None):
-        """The ``1 + 2K`` sequences of every rollout, and the set of rollouts cut to fit ``limit``
-        positions. ``rows[i]``: the caller's row of rollout i, for error messages."""
+        """The ``1 + 2K`` sequences of every rollout, each cut to fit ``limit`` positions where needed
+        (flagged ``truncated``). ``rows[i]``: the caller's row of rollout i, for error messages."""
         texts = list(prompts) + list(rationales) + list(answers)
         texts += [t for row in cf_prompts for t in row] + [t for row in cf_rationales for t in row]
         unique = list(dict.fromkeys(texts))
@@ -343,10 +343,11 @@ class CoherenceScorer:
             ids_y = ids[text]
             return ids_y if self.max_answer_tokens is None else ids_y[: self.max_answer_tokens]
 
-        out, truncated = [], set()
+        out = []
 
         def add(i, kind, k, zi, xi, yi):
-            if limit is not None and len(zi) + len(xi) + len(yi) + 2 > limit:
+            cut = limit is not None and len(zi) + len(xi) + len(yi) + 2 > limit
+            if cut:
                 if self.context_overflow == "error":
                     row = i if rows is None else rows[i]
                     raise ValueError(
@@ -356,8 +357,7 @@ class CoherenceScorer:
                         "context_overflow='truncate'"
                     )
                 zi, xi, yi = _fit(zi, xi, yi, limit)
-                truncated.add(i)
-            out.append(_Sequence(i, kind, k, zi, xi, yi))
+            out.append(_Sequence(i, kind, k, zi, xi, yi, cut))
 
         for i in range(len(prompts)):
             zi, xi, yi = z(prompts[i]), x(rationales[i]), y(answers[i])
@@ -366,7 +366,7 @@ class CoherenceScorer:
                 add(i, _PROMPT_CF, k, z(text), xi, yi)
             for k, text in enumerate(cf_rationales[i] if cf_rationales else []):
                 add(i, _RATIONALE_CF, k, zi, x(text), yi)
-        return out, truncated
+        return out
 
     # ------------------------------------------------------------------ the gradient pass
 
