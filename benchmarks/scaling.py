@@ -103,6 +103,8 @@ def main() -> None:
     load_before = load_average()
     print_memory_table(args)
     if args.memory_only:
+        print(f"command: python benchmarks/scaling.py {' '.join(sys.argv[1:])}")
+        print(f"threads: 1 per measurement; {os.cpu_count()} CPUs")
         print(f"1-minute load average: {load_before:.2f} before, {load_average():.2f} after")
         return
     scratch = Path(tempfile.mkdtemp(prefix="cepo-scaling-"))
