@@ -19,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from cepo.policy.forward import backbone_and_head, hidden_states
 
-LOGITS_CHUNK_ELEMENTS = 1 << 26
-"""Float32 logits computed at once by default (256 MB): ``chunk_tokens = LOGITS_CHUNK_ELEMENTS // vocab``."""
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+"""Float32 logits computed at once by default (64 MB; 110 tokens at a 151,936-token vocabulary):
+``chunk_tokens = LOGITS_CHUNK_ELEMENTS // vocab``."""
 
 
 def chunk_tokens_for(vocab_size: int, chunk_elements: int = LOGITS_CHUNK_ELEMENTS) -> int:
@@ -33,16 +34,17 @@ def _logprob_entropy(head: nn.Module, hidden: Tensor, tokens: Tensor, temperatur
     """log p(token) and the entropy of the tempered distribution for rows ``hidden`` ``(n, hidden)``."""
     logits = head(hidden).float()  # (n, vocab)
     if temperature != 1.0:
-        logits = logits / temperature
+        # in place is safe: the head's backward does not need its output
+        logits = logits.div_(temperature)
     log_normalizer = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normalizer
     if not with_entropy:
         return logp, logp.new_zeros(())
     with torch.no_grad():
-        # H = logsumexp(z) - sum softmax(z) z; tokens with probability 0 (logit -inf) contribute 0.
-        detached = logits.detach()
-        probs = torch.exp(detached - log_normalizer.detach().unsqueeze(-1))
-        weighted = torch.where(probs > 0, probs * detached, torch.zeros((), device=probs.device))
+        # H = logsumexp(z) - sum softmax(z) z, in one extra (n, vocab) buffer; tokens with probability 0
+        # (logit -inf) contribute 0, not 0 * -inf = nan.
+        weighted = logits.detach() - log_normalizer.detach().unsqueeze(-1)
+        weighted.exp_().mul_(logits.detach()).nan_to_num_(nan=0.0)
         entropy = log_normalizer.detach() - weighted.sum(-1)
     return logp, entropy
 
