@@ -118,3 +118,38 @@ def test_dropout_can_be_kept_on_request(tmp_path):
     first, _ = batched_logprobs(policy, tensors, micro_batch_size=3)
     second, _ = batched_logprobs(policy, tensors, micro_batch_size=3)
     assert torch.equal(first, second) and policy.training
+
+
+def grouped_batch(vocab: int, group: int = 3):
+    prompt_ids, prompt_mask, _, _ = batch(vocab, seed=2)
+    g = torch.Generator().manual_seed(5)
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0)
+    completion_ids = torch.randint(4, vocab, (prompt_ids.shape[0], 6), generator=g)
+    lengths = torch.randint(1, 7, (prompt_ids.shape[0],), generator=g)
+    completion_mask = (torch.arange(6)[None] < lengths[:, None]).long()
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_sharing_each_groups_prompt_gives_the_same_logprobs_and_gradients(tiny_llama, tmp_path, architecture):
+    if architecture == "llama":
+        model = tiny_llama
+    else:
+        model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_with_dropout(tmp_path / "gpt2", dropout=0.0)).eval()
+    tensors = grouped_batch(model.config.vocab_size)
+    mask = tensors[3].bool()
+    weights = torch.randn(tensors[2].shape)
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        logp, entropy, hidden = completion_logprobs(model, *tensors, with_entropy=True, return_hidden=True,
+                                                    share_prompts=share)
+        (logp * weights * mask).sum().backward()
+        results.append((logp, entropy, hidden, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (full_logp, full_entropy, full_hidden, full_grads), (logp, entropy, hidden, grads) = results
+    torch.testing.assert_close(logp, full_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, full_entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden[mask], full_hidden[mask], rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(full_grads) > 0
+    for grad, full in zip(grads, full_grads):
+        torch.testing.assert_close(grad, full, rtol=1e-4, atol=1e-6)

@@ -11,13 +11,15 @@ backward pass, so the peak is a few chunks of logits whatever the micro-batch si
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
-from cepo.policy.forward import backbone_and_head, hidden_states
+from cepo.policy.forward import backbone_and_head, hidden_states, position_ids_from_mask
 
 LOGITS_CHUNK_ELEMENTS = 1 << 24
 """Float32 logits computed at once by default (64 MB; 110 tokens at a 151,936-token vocabulary):
@@ -99,6 +101,7 @@ def completion_logprobs(
     with_entropy: bool = False,
     return_hidden: bool = False,
     chunk_tokens: int | None = None,
+    share_prompts: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """float32 log p(completion token) ``(B, T)``, optionally per-token entropy and the scoring hidden
     states ``(B, T, hidden)`` (for a value head). Runs one forward pass over the rows given; callers
@@ -108,11 +111,15 @@ def completion_logprobs(
     state at t-1 scores token t. Log-probs and entropy are 0 where ``completion_mask`` is 0 (they are not
     computed there). Logits are divided by ``temperature`` so log-probs match the sampling distribution.
     """
-    _, head = backbone_and_head(model)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    hidden = hidden_states(model, attention_mask, input_ids=input_ids)
-    scoring = hidden[:, prompt_ids.shape[1] - 1 : -1]  # (B, T, hidden)
+    decoder, head = backbone_and_head(model)
+    scoring = None
+    if share_prompts and not (torch.is_grad_enabled() and getattr(decoder, "gradient_checkpointing", False)):
+        scoring = _scoring_hidden_shared_prompts(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    if scoring is None:
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        hidden = hidden_states(model, attention_mask, input_ids=input_ids)
+        scoring = hidden[:, prompt_ids.shape[1] - 1 : -1]  # (B, T, hidden)
     real = completion_mask.bool()
     logp_real, entropy_real = token_logprobs(
         head, scoring[real], completion_ids[real], temperature=temperature, with_entropy=with_entropy,
@@ -121,6 +128,34 @@ def completion_logprobs(
     logp = logp_real.new_zeros(completion_ids.shape).masked_scatter(real, logp_real)
     entropy = logp_real.new_zeros(completion_ids.shape).masked_scatter(real, entropy_real) if with_entropy else None
     return logp, entropy, (scoring if return_hidden else None)
+
+
+def _cache_keyword(decoder: nn.Module) -> str:
+    """``cache`` in current transformers, ``past_key_values`` in models that still use the old name."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _scoring_hidden_shared_prompts(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                                   completion_ids: Tensor, completion_mask: Tensor) -> Tensor | None:
+    """Scoring hidden states ``(B, T, hidden)`` with each distinct prompt run once: the G samples of a
+    group share their prompt, so its keys and values are computed for one row and gathered for all G,
+    and only the completion tokens run per row. None when no two rows share a prompt."""
+    width = prompt_ids.shape[1]
+    unique, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+    if unique.shape[0] == prompt_ids.shape[0]:
+        return None
+    unique_ids, unique_mask = unique[:, :width], unique[:, width:]
+    cache = DynamicCache(config=decoder.config)  # filled in place by the prompt pass
+    cache_arg = {_cache_keyword(decoder): cache}
+    prompt_out = decoder(input_ids=unique_ids, attention_mask=unique_mask,
+                         position_ids=position_ids_from_mask(unique_mask), use_cache=True, **cache_arg)
+    cache.reorder_cache(inverse)  # (distinct prompts, ...) -> (B, ...)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    positions = position_ids_from_mask(attention_mask)[:, width:]
+    out = decoder(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
+                  use_cache=True, **cache_arg)
+    last_prompt = prompt_out.last_hidden_state[:, -1:].index_select(0, inverse)  # scores completion token 0
+    return torch.cat([last_prompt, out.last_hidden_state[:, :-1]], dim=1)
 
 
 @contextmanager
