@@ -81,3 +81,33 @@ def test_half_precision_plugin_passes_a_prompt_batch_through_untouched(precision
     plugin = HalfPrecision(precision)
     converted = plugin.convert_input(batch)
     assert converted == batch and converted.examples[0] is batch.examples[0]
+
+
+@pytest.mark.slow
+def test_loss_scaled_16_mixed_clips_and_logs_the_true_gradient_norm(tmp_path):
+    # On a GPU, 16-mixed scales the loss by 2^16 and Lightning unscales the gradients only inside
+    # optimizer.step(); a GradScaler on the CPU reproduces that. Norm and clip must see true gradients.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    import cepo.cli
+
+    def fit(plugins, extra):
+        original = cepo.cli.CEPOCLI.__init__
+
+        def with_plugins(self, *args, trainer_defaults=None, **kwargs):
+            original(self, *args, trainer_defaults={**(trainer_defaults or {}), "plugins": plugins}, **kwargs)
+
+        cepo.cli.CEPOCLI.__init__ = with_plugins
+        try:
+            cli = main(["fit", "--config", QUICKSTART, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                        "--trainer.enable_progress_bar", "false",
+                        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *extra])
+        finally:
+            cepo.cli.CEPOCLI.__init__ = original
+        return float(cli.trainer.callback_metrics["train/grad_norm"])
+
+    reference = fit([], [])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaled = fit([MixedPrecision("16-mixed", "cpu", scaler=scaler)], ["--trainer.precision", "null"])
+    assert reference > 0
+    assert 0.5 < scaled / reference < 2.0, f"grad norm {scaled} under loss scaling vs {reference} in float32"
