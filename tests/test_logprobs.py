@@ -153,3 +153,23 @@ def test_sharing_each_groups_prompt_gives_the_same_logprobs_and_gradients(tiny_l
     assert len(grads) == len(full_grads) > 0
     for grad, full in zip(grads, full_grads):
         torch.testing.assert_close(grad, full, rtol=1e-4, atol=1e-6)
+
+
+def test_sliding_window_models_score_the_same_as_full_sequences():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=1, attn_implementation="eager")
+    model = Qwen2ForCausalLM(config).eval()
+    tensors = grouped_batch(40)
+    mask = tensors[3].bool()
+    with torch.no_grad():
+        shared, _, _ = completion_logprobs(model, *tensors, share_prompts=True)
+        full, _, _ = completion_logprobs(model, *tensors, share_prompts=False)
+        ids, attention = torch.cat(tensors[::2], 1), torch.cat(tensors[1::2], 1)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp_min(0)).logits
+    reference = gather_logprobs(logits[:, tensors[0].shape[1] - 1 : -1], tensors[2])
+    torch.testing.assert_close(full[mask], reference[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[mask], reference[mask], rtol=1e-5, atol=1e-5)
