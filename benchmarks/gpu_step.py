@@ -111,7 +111,7 @@ def main() -> None:
     from cepo.coherence.scorer import CoherenceScorer
     from cepo.policy.generation import generate_completions
     from cepo.policy.logprobs import batched_logprobs, completion_logprobs, micro_batches
-    from cepo.rl.grpo import group_advantages, grpo_loss, loss_normalizer
+    from cepo.rl import aggregate_loss, group_advantages, k3_kl, loss_normalizer
 
     config = TINY if args.tiny else QWEN2_5_1_5B
     tokenizer = word_tokenizer(config["vocab_size"])
@@ -176,9 +176,10 @@ def main() -> None:
     normalizer = loss_normalizer(mask, "dapo")
     for rows_ in micro_batches(len(texts), args.micro_batch):
         logp, _, _ = completion_logprobs(policy, *(t[rows_] for t in tensors), with_entropy=True)
-        loss, _ = grpo_loss(logp, logp.detach(), advantages[rows_], mask[rows_], eps_low=0.2, beta=0.001,
-                            ref_logp=ref_logp[rows_], loss_type="dapo", normalizer=normalizer)
-        loss.backward()
+        ratio = torch.exp(logp - logp.detach())  # one optimiser step per rollout: old = current
+        surrogate = -torch.minimum(ratio * advantages[rows_, None], ratio.clamp(0.8, 1.2) * advantages[rows_, None])
+        per_token = surrogate + 0.001 * k3_kl(logp, ref_logp[rows_])
+        aggregate_loss(per_token, mask[rows_], "dapo", normalizer=normalizer).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     done("update", start)

@@ -36,7 +36,7 @@ def child(args) -> None:
 
     from cepo.policy.forward import backbone_and_head, gather_logprobs, hidden_states
     from cepo.policy.logprobs import completion_logprobs
-    from cepo.rl.grpo import entropy_from_logits
+    from cepo.rl import entropy_from_logits
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,

@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from cepo.policy.forward import backbone_and_head, gather_logprobs, hidden_states
 from cepo.policy.loading import LoraSettings, PolicyConfig, load_policy
 from cepo.policy.logprobs import batched_logprobs, completion_logprobs, token_logprobs
-from cepo.rl.grpo import entropy_from_logits, k3_kl
+from cepo.rl import entropy_from_logits, k3_kl
 
 
 def full_logits_reference(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):

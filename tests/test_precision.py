@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import cepo.rl.grpo as grpo_math
 from cepo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,27 +38,30 @@ def run_args(tmp_path, precision: str, dtype: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16-mixed", "float32"), ("bf16-true", "bfloat16")])
 def test_half_precision_fit_and_validate(tmp_path, monkeypatch, precision, dtype):
-    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original_surrogate, original_kl = grpo_math.clipped_surrogate, grpo_math.k3_kl
+    # Every log-prob pass goes through cepo.policy.logprobs.completion_logprobs: the reference and old
+    # (no-grad) passes via batched_logprobs, the gradient pass from the training module.
+    import cepo.policy.logprobs as logprobs
+    import cepo.training.module as module
 
-    def recording_surrogate(logp, old_logp, *args, **kwargs):
-        calls.append(("ratio", torch.exp(logp.detach() - old_logp.detach())))
-        return original_surrogate(logp, old_logp, *args, **kwargs)
+    calls: list[tuple[bool, torch.Tensor]] = []
+    original = logprobs.completion_logprobs
 
-    def recording_kl(logp, ref_logp):
-        calls.append(("kl", original_kl(logp.detach(), ref_logp.detach())))
-        return original_kl(logp, ref_logp)
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append((torch.is_grad_enabled(), out[0].detach().clone()))
+        return out
 
-    monkeypatch.setattr(grpo_math, "clipped_surrogate", recording_surrogate)
-    monkeypatch.setattr(grpo_math, "k3_kl", recording_kl)
+    monkeypatch.setattr(logprobs, "completion_logprobs", recording)
+    monkeypatch.setattr(module, "completion_logprobs", recording)
     cli = main(["fit", *run_args(tmp_path, precision, dtype)])
-    ratios = [value for kind, value in calls if kind == "ratio"]
-    kls = [value for kind, value in calls if kind == "kl"]
-    # 2 rollouts x 2 iterations, one micro-batch of 16 each
-    assert len(ratios) == 4 and len(kls) == 4
-    assert all(torch.isfinite(r).all() for r in ratios)
-    assert torch.equal(ratios[0], torch.ones_like(ratios[0])), "first iteration: same weights, ratio must be 1"
-    assert torch.equal(kls[0], torch.zeros_like(kls[0])), "step 0: policy equals reference, KL must be 0"
+    # Step 0, before any optimiser step: the reference pass (adapter disabled, LoRA B = 0), the stored old
+    # log-probs and the first gradient pass see the same network, so they must agree bit for bit: the
+    # first ratio is exactly 1 and the KL exactly 0.
+    first = calls[:3]
+    assert len(calls) >= 6 and any(grad for grad, _ in first) and not all(grad for grad, _ in first)
+    assert all(torch.isfinite(logp).all() for _, logp in calls)
+    for _, logp in first[1:]:
+        assert torch.equal(logp, first[0][1]), "step 0: reference, old and new log-probs must be identical"
     lora = [p for n, p in cli.model.policy.named_parameters() if "lora_B" in n]
     assert all(torch.isfinite(p).all() for p in lora) and any(p.abs().sum() > 0 for p in lora)
     if precision == "bf16-true":
