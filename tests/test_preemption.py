@@ -79,3 +79,26 @@ def test_sigterm_saves_last_checkpoint_exits_143_and_resume_matches_an_uninterru
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=f"{name} differs after resume")
     final = torch.load(run_dir(tmp_path / "preempted", 1) / "checkpoints" / "last.ckpt", weights_only=False)
     assert final["cepo"]["rollout_step"] == 5
+
+
+def test_sigterm_outside_fit_exits_143_without_writing_a_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from cepo.training.checkpointing import LatestCheckpoint
+
+    saved = []
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING), sanity_checking=False, global_step=7,
+                              checkpoint_callback=None, log_dir=str(tmp_path), default_root_dir=str(tmp_path),
+                              save_checkpoint=saved.append)
+    callback = LatestCheckpoint()
+    sigterm = SIGTERMException()
+    callback.on_exception(trainer, None, sigterm)
+    assert sigterm.code == 143 and saved == []
+    other = ValueError("not a preemption")
+    callback.on_exception(trainer, None, other)
+    trainer.state.fn = TrainerFn.FITTING
+    callback.on_exception(trainer, None, SIGTERMException())
+    assert saved == [str(tmp_path / "checkpoints" / "last.ckpt")]

@@ -64,13 +64,14 @@ class LatestCheckpoint(Callback):
         self._save(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+        if not isinstance(exception, SIGTERMException):
             return
-        if self.save_on_sigterm:
+        if self.save_on_sigterm and trainer.state.fn == TrainerFn.FITTING:
             saved = self._save(trainer)
             rank_zero_info(
                 f"SIGTERM: {'wrote' if saved else 'kept'} {self.path(trainer)} at rollout step "
                 f"{trainer.global_step}; resume with `cepo fit ... --ckpt_path {self.path(trainer)}`"
             )
         # Lightning re-raises the exception after the callbacks; a SystemExit's code is the exit status.
+        # An interrupted validate/test did not finish either, so it exits non-zero too.
         exception.code = self.sigterm_exit_code
