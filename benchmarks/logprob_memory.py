@@ -18,6 +18,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -66,10 +67,12 @@ def child(args) -> None:
     run()  # warm-up: allocator pools, lazy initialisation
     model.zero_grad(set_to_none=True)
     before = rss_mb()
+    start = time.perf_counter()
     logp, entropy = run()
     (logp * advantages).sum().backward()
+    seconds = time.perf_counter() - start
     peak = peak_rss_mb()
-    print(json.dumps({"before_mb": before, "peak_mb": peak, "checksum": float(logp.sum())}))
+    print(json.dumps({"before_mb": before, "peak_mb": peak, "seconds": seconds, "checksum": float(logp.sum())}))
 
 
 def main() -> None:
@@ -92,6 +95,7 @@ def main() -> None:
     print(f"vocab {args.vocab}, {args.batch} x {args.tokens} completion tokens: one float32 logits tensor "
           f"= {logits_mb:.0f} MB")
     results: dict[str, list[float]] = {"full": [], "chunked": []}
+    seconds: dict[str, list[float]] = {"full": [], "chunked": []}
     checksums = {}
     for _ in range(args.repeats):
         for variant in results:
@@ -100,11 +104,12 @@ def main() -> None:
                                  env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             row = json.loads(out.stdout.strip().splitlines()[-1])
             results[variant].append(row["peak_mb"] - row["before_mb"])
+            seconds[variant].append(row["seconds"])
             checksums[variant] = row["checksum"]
-    print(f"{'pass':<10}{'peak above start (MB)':>24}{'x logits tensor':>18}")
+    print(f"{'pass':<10}{'peak above start (MB)':>24}{'x logits tensor':>18}{'seconds (min)':>16}")
     for variant, values in results.items():
         peak = max(values)
-        print(f"{variant:<10}{peak:>24.0f}{peak / logits_mb:>18.2f}")
+        print(f"{variant:<10}{peak:>24.0f}{peak / logits_mb:>18.2f}{min(seconds[variant]):>16.2f}")
     print(f"sum of log-probs: full {checksums['full']:.4f}, chunked {checksums['chunked']:.4f}")
 
 
