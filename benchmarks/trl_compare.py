@@ -5,7 +5,8 @@ training prompts in the quickstart's ``raw`` template, 16 prompts x G = 8 comple
 tokens at temperature 1, LoRA r = 8 / alpha 16 on all linear layers, beta = 0.001 (k3 KL to the
 adapter-disabled reference), ``dapo`` aggregation, 64 completions per forward/backward pass, one
 optimiser step per rollout, the same accuracy reward (cepo's parser and matcher), no gradient
-checkpointing. cepo runs through its CLI on ``configs/quickstart.yaml`` (validation off).
+checkpointing. cepo runs through its CLI on ``configs/quickstart.yaml`` as it is (which sets exactly these
+options; validation off); TRL gets the same values from the constants below.
 
 Each block runs ``--steps`` steps in a fresh trainer; blocks alternate cepo, TRL, cepo, TRL, ... and the
 time between consecutive step ends is recorded, so model loading and the first (warm-up) step cancel.
@@ -65,12 +66,7 @@ def cepo_block(steps: int, workdir: Path, seed: int) -> tuple[list[float], list[
             "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.logger.init_args.save_dir", str(workdir / "cepo"),
-            "--data.prompts_per_step", str(PROMPTS), "--model.init_args.group_size", str(GROUP),
-            "--model.init_args.micro_batch_size", str(MICRO),
-            "--model.init_args.generation.max_new_tokens", str(NEW_TOKENS),
-            "--model.init_args.generation.temperature", "1.0",
-            "--model.init_args.beta", str(BETA), "--model.init_args.loss_type", "dapo",
-            "--model.init_args.optim.lr", str(LR),
+            # everything else as configs/quickstart.yaml sets it: the configuration of this benchmark
         ])
     finally:
         main.__globals__["CEPOCLI"].__init__ = original
