@@ -27,9 +27,6 @@ ARCHS = {
                              "--model.init_args.policy.lora.target_modules", "all-linear"]),
     "gpt2": ("gpt2_path", ["--model.init_args.policy.lora.target_modules", "[c_attn]"]),
 }
-GPT2_DROPOUT = pytest.mark.xfail(
-    strict=True, reason="issue 11 #11: log-prob passes run in train mode, so GPT-2's dropout makes policy and "
-    "reference log-probs differ with identical weights")
 
 
 def arch_args(request, arch: str, tmp_path: Path, *extra: str) -> list[str]:
@@ -119,7 +116,7 @@ def test_fit_validate_predict_and_reload(request, tmp_path, arch, preset):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen2", pytest.param("gpt2", marks=GPT2_DROPOUT)])
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_first_update_starts_at_the_reference(request, tmp_path, arch):
     """Before the first optimiser step the policy is the reference (LoRA B = 0): the KL must be 0."""
     cli = main(["fit", *arch_args(request, arch, tmp_path, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0")])
@@ -127,8 +124,6 @@ def test_first_update_starts_at_the_reference(request, tmp_path, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 11 #10: the model's generation_config (repetition_penalty, "
-                   "no_repeat_ngram_size) leaks into greedy evaluation")
 def test_greedy_predictions_ignore_the_models_generation_defaults(request, tmp_path, qwen2_path):
     """A fresh adapter leaves the base model unchanged, so greedy completions are its argmax continuations,
     whatever decoding defaults the model folder ships (here strong anti-repetition ones, so that a leak shows

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
@@ -12,17 +10,30 @@ from cepo.data.example import Example
 from cepo.data.sources import DatasetSource, ShortcutTask
 
 
-@dataclass
 class PromptBatch:
     """``examples`` for one step on this rank; ``index`` is the global batch number in the stream
-    (-1 for evaluation batches), which is what a checkpoint records as the data position."""
+    (-1 for evaluation batches), which is what a checkpoint records as the data position.
 
-    examples: list[Example]
-    index: int = -1
-    source: str = ""
+    A plain class, not a dataclass, on purpose: Lightning's precision plugins (``bf16-true``,
+    ``16-true``) walk every dataclass in a batch to cast its tensors and refuse frozen ones such as
+    :class:`Example`. A batch of text holds no tensors, so it must stay opaque to that walk.
+    """
+
+    __slots__ = ("examples", "index", "source")
+
+    def __init__(self, examples: list[Example], index: int = -1, source: str = "") -> None:
+        self.examples, self.index, self.source = examples, index, source
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PromptBatch):
+            return NotImplemented
+        return (self.examples, self.index, self.source) == (other.examples, other.index, other.source)
+
+    def __repr__(self) -> str:
+        return f"PromptBatch({len(self.examples)} examples, index={self.index}, source={self.source!r})"
 
 
 def stream_positions(batch_index: int, batch_size: int, rank: int, world_size: int) -> range:

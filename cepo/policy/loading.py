@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 EMBEDDED_PREFIX = "embedded:"
@@ -51,6 +52,10 @@ class PolicyConfig:
     """``eager``, ``sdpa`` or ``flash_attention_2``; None lets transformers choose."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository (only for models you trust)."""
+    disable_dropout: bool = True
+    """Turn off the base model's own dropout (GPT-2: 0.1). With it on, policy and reference log-probs of
+    identical weights differ, the first policy ratio is not 1 and the KL is not 0 at step 0. LoRA
+    dropout (``lora.dropout``) is not affected."""
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -101,6 +106,33 @@ def _from_pretrained(cls, path: str, config: PolicyConfig, what: str, **kwargs):
         ) from err
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability of ``model`` to 0 and return how many were non-zero.
+
+    Covers ``nn.Dropout`` modules, the float ``*dropout*`` attributes that attention implementations
+    pass to functional dropout (``self.attention_dropout``), and the config fields they are read from.
+    Done once at load time rather than by switching to eval mode around each pass: Hugging Face models
+    run gradient checkpointing only in train mode, and a checkpointed layer recomputes its forward in
+    the backward pass, which must see the same (dropout-free) network as the forward did.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            changed += module.p > 0
+            module.p = 0.0
+            continue
+        for attr, value in list(vars(module).items()):
+            if "dropout" in attr and isinstance(value, float) and not isinstance(value, bool) and value > 0:
+                setattr(module, attr, 0.0)
+                changed += 1
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float) and value > 0:
+                setattr(config, key, 0.0)
+    return changed
+
+
 def load_policy(config: PolicyConfig) -> tuple[PeftModel, bool]:
     """The LoRA-wrapped policy and whether it carries a frozen ``reference`` adapter.
 
@@ -115,6 +147,8 @@ def load_policy(config: PolicyConfig) -> tuple[PeftModel, bool]:
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     base = _from_pretrained(AutoModelForCausalLM, path, config, "model", **kwargs)
+    if config.disable_dropout:
+        disable_dropout(base)  # before LoRA is injected, so lora.dropout keeps its configured value
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False  # training forward passes; generation turns the cache back on

@@ -832,16 +832,21 @@ class CEPOModule(LightningModule):
         for loss in micro_losses:
             # DDP averages gradients over devices; the normalisers are global sums, so undo the average.
             self.manual_backward(loss * self.trainer.world_size)
-        grad_norm = self._grad_norm()
-        if self.optim.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
+        optimizer.step()  # measures and clips in on_before_optimizer_step
+        grad_norm = self._pre_clip_grad_norm
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         self._optimizer_steps += 1
         self._steps_this_rollout += 1
         fold_optimizer_steps(self.trainer, self._steps_this_rollout)
         return grad_norm
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Under 16-mixed Lightning unscales the gradients just before this hook, so the norm and the clip
+        # see the true gradients, not the loss-scaled ones.
+        self._pre_clip_grad_norm = self._grad_norm()
+        if self.optim.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
 
     def _grad_norm(self) -> float:
         grads = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
