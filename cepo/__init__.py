@@ -5,11 +5,14 @@ from cepo.data.datamodule import PromptDataModule
 from cepo.data.sources import DatasetSource, FileDataset, PaperMix, ShortcutTask
 from cepo.rewards.base import AccuracyReward, FormatReward, RewardFunction
 from cepo.training.coherence_callback import CoherenceRewardCallback
+from cepo.training.interventional_callback import InterventionalRewardCallback
+from cepo.evaluation.diagnostics import RewardDiagnostics
 from cepo.training.module import CEPOModule, GRPO
 from cepo.training.ppo import PPO
 
 __all__ = [
     "AccuracyReward", "CEPOModule", "CoherenceRewardCallback", "CoherenceScorer", "DatasetSource", "FileDataset", "FormatReward", "GRPO", "PaperMix", "PPO",
     "PromptDataModule", "RewardFunction", "ShortcutTask",
+    "InterventionalRewardCallback", "RewardDiagnostics",
 ]
 __version__ = "0.1.0"

@@ -247,7 +247,7 @@ class RewardDiagnostics(L.Callback):
         kinds: list[str] | None = None,
         max_pairs: int = 64,
         interventional: bool = True,
-        every_n_evals: int = 1,
+        during_fit: str = "all",
         seed: int = 0,
     ) -> None:
         """
@@ -258,7 +258,8 @@ class RewardDiagnostics(L.Callback):
                 evaluation sources support.
             max_pairs: Pairs per pair set (the first ones in file order).
             interventional: Also report the interventional channels S_do and S_med.
-            every_n_evals: Run at every n-th validation of ``fit`` (``validate``/``test`` always run).
+            during_fit: At which validations of ``fit`` to run: ``all``, ``last`` (only the one at
+                ``trainer.max_steps``) or ``none``. ``validate`` and ``test`` always run.
             seed: Seed of the edited rationales and the counterfactual draws (fixed across evaluations, so
                 a change between steps is the network's).
         """
@@ -269,10 +270,11 @@ class RewardDiagnostics(L.Callback):
             raise ValueError(f"RewardDiagnostics.networks={networks!r}; choose from {NETWORKS}")
         self.kinds = list(kinds) if kinds is not None else list(PAIR_KINDS)
         build_pair_sets({}, self.kinds)  # validates the kinds
-        if max_pairs < 1 or every_n_evals < 1:
-            raise ValueError("RewardDiagnostics.max_pairs and every_n_evals must be >= 1")
-        self.max_pairs, self.interventional, self.every_n_evals, self.seed = max_pairs, interventional, every_n_evals, seed
-        self._evals = 0
+        if max_pairs < 1:
+            raise ValueError(f"RewardDiagnostics.max_pairs must be >= 1, got {max_pairs}")
+        if during_fit not in ("all", "last", "none"):
+            raise ValueError(f"RewardDiagnostics.during_fit={during_fit!r}; choose all, last or none")
+        self.max_pairs, self.interventional, self.during_fit, self.seed = max_pairs, interventional, during_fit, seed
         self.last_results: list[dict] = []
 
     # ------------------------------------------------------------------ hooks
@@ -280,8 +282,8 @@ class RewardDiagnostics(L.Callback):
         if trainer.sanity_checking:
             return
         if trainer.state.fn == "fit":
-            self._evals += 1
-            if self._evals % self.every_n_evals:
+            last = int(getattr(pl_module, "rollout_step", 0)) >= int(trainer.max_steps or 0)
+            if self.during_fit == "none" or (self.during_fit == "last" and not last):
                 return
         self.run(trainer, pl_module, "val")
 
