@@ -5,17 +5,23 @@ import types
 
 import pytest
 
+import cepo.data.datasets as datasets_module
 from cepo.data.datasets import (
     ADAPTERS,
+    FAMILY_BY_ADAPTER as REGISTERED_FAMILIES,
     PAPER_TRAIN_FILES,
     LoadedDataset,
+    Row,
     cladder_query_type,
     load_examples,
     load_records,
     paper_training_mix,
+    register_adapter,
+    reject,
 )
 from cepo.data.example import Example
-from cepo.data.prompts import FAMILY_BY_ADAPTER, PromptTemplate, render_prompt
+from cepo.data.prompts import FAMILY_BY_ADAPTER, PromptTemplate, family_for, render_prompt
+from cepo.data.sources import FileDataset
 from cepo.answers.matching import answers_match
 from cepo.answers.parsing import AnswerParser
 
@@ -61,6 +67,7 @@ def test_load_records_formats(tmp_path):
     (tmp_path / "folder").mkdir()
     write_jsonl(tmp_path / "folder" / "test.jsonl", rows)
     assert load_records(str(tmp_path / "folder"), split="test") == rows
+    assert load_records(str(tmp_path / "folder")) == rows  # the only split needs no name
 
 
 def test_load_records_errors(tmp_path):
@@ -83,6 +90,7 @@ def test_hub_name_without_datasets_says_how_to_install(monkeypatch):
 
 def test_hub_name_calls_load_dataset(monkeypatch):
     calls = []
+    monkeypatch.setattr(datasets_module, "_hub_unreachable_reason", lambda endpoint, timeout: None)
 
     def load_dataset(name, config_name, split):
         calls.append((name, config_name, split))
@@ -131,13 +139,13 @@ def test_malformed_rows_raise_with_index_or_are_skipped(tmp_path):
         {"question": "ok too", "answer": "#### 4"},
     ]
     path = write_jsonl(tmp_path / "gsm.jsonl", rows)
-    with pytest.raises(ValueError, match=r"gsm8k: row 1: .*####.*on_error=\"skip\""):
+    with pytest.raises(ValueError, match=r"gsm\.jsonl, line 2: answer has no '#### <number>'.*gsm8k adapter.*on_error=\"skip\""):
         load_examples(path, "gsm8k")
     loaded = load_examples(path, "gsm8k", on_error="skip")
     assert loaded.skipped == 4
     assert [e.gold for e in loaded.examples] == [("1",), ("4",)]
     assert [e.meta["row"] for e in loaded.examples] == [0, 5]
-    with pytest.raises(ValueError, match="row 2: expected an object"):
+    with pytest.raises(ValueError, match="s, record index 2: expected an object"):
         ADAPTERS["generic"]([{"question": "a", "answer": "b"}, {"question": "c", "answer": "d"}, 7], source="s")
 
 
@@ -162,7 +170,7 @@ def test_yes_no_adapters(tmp_path):
     assert [(e.gold, e.answer_kind) for e in examples] == [(("Yes",), "yes_no"), (("Ambiguous",), "text")]
     legal = [{"question": "Context: x. Question: causal?", "answer": "No"}, {"question": "q", "answer": "Maybe"}]
     path = write_json(tmp_path / "legal.json", legal)
-    with pytest.raises(ValueError, match="row 1: expected a Yes/No"):
+    with pytest.raises(ValueError, match=r"legal\.json, item 2 \(line 1\): expected a Yes/No"):
         load_examples(path, "legalbench_causality")
     loaded = load_examples(path, "legalbench_causality", on_error="skip")
     assert loaded.skipped == 1 and loaded.examples[0].gold == ("No",)
@@ -197,7 +205,7 @@ def test_ifqa_and_arithmetic_adapters(tmp_path):
     assert not answers_match("30", examples[0].gold)
     rows = [{"question": "Compute A.", "answer": "-10038"}, {"question": "Compute B.", "answer": "1.5"}]
     path = write_json(tmp_path / "arith.json", rows)
-    with pytest.raises(ValueError, match="row 1: expected an integer"):
+    with pytest.raises(ValueError, match=r"arith\.json, item 2 \(line 1\): expected an integer"):
         load_examples(path, "bbeh_arithmetic")
     assert load_examples(path, "bbeh_arithmetic", on_error="skip").examples[0].gold == ("-10038",)
 
@@ -357,3 +365,68 @@ def test_prompt_chat_template_and_system_prompt():
         render_prompt(example, tokenizer=no_template, use_chat_template=True)
     with pytest.raises(ValueError, match="unknown prompt family"):
         PromptTemplate("poetry")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the adapter registry
+
+
+@pytest.fixture()
+def clean_registry():
+    """Registrations made by a test are removed afterwards (the tables are shared module state)."""
+    adapters, families = dict(ADAPTERS), dict(REGISTERED_FAMILIES)
+    yield
+    ADAPTERS.clear(), ADAPTERS.update(adapters)
+    REGISTERED_FAMILIES.clear(), REGISTERED_FAMILIES.update(families)
+
+
+def test_registered_families_are_the_prompt_table():
+    # the families each adapter declared, as they were before adapters registered themselves
+    assert dict(FAMILY_BY_ADAPTER) == {
+        "generic": "open", "gsm8k": "math", "math": "math", "bbeh_arithmetic": "math", "bbeh_causal": "open",
+        "ifqa": "open", "casehold": "multiple_choice", "logiqa": "multiple_choice", "cladder": "yes_no",
+        "legalbench_causality": "yes_no",
+    }
+    assert FAMILY_BY_ADAPTER is REGISTERED_FAMILIES  # one table, filled by registration
+    assert family_for(Example("Q: 1+1 hint: 2\n", ("2",), "number", "shortcut")) == "raw"
+
+
+def test_a_new_dataset_is_one_function_and_one_registration(tmp_path, clean_registry):
+    @register_adapter("celsius", family="math")
+    def celsius_adapter(row: Row) -> Example:
+        """Temperatures: the gold is the number before "C"."""
+        answer = row.answer()
+        if not answer.endswith("C"):
+            reject(f"expected an answer like '21C', got {answer!r}")
+        return row.example(row.question(), (answer[:-1],), "number", unit="C")
+
+    rows = [{"question": "Boiling point?", "answer": "100C"}, {"question": "Freezing?", "answer": "32F"}]
+    path = write_jsonl(tmp_path / "temps.jsonl", rows)
+    with pytest.raises(ValueError, match=r"temps\.jsonl, line 2: expected an answer like '21C'.*celsius adapter"):
+        load_examples(path, "celsius")
+    loaded = load_examples(path, "celsius", on_error="skip")
+    assert loaded.examples == [Example("Boiling point?", ("100",), "number", "celsius", "celsius-0",
+                                       {"row": 0, "unit": "C"})]
+    assert loaded.skips == [(f"{path}, line 2", "expected an answer like '21C', got '32F'")]
+    assert FAMILY_BY_ADAPTER["celsius"] == "math"
+    assert "Solve the following problem." in render_prompt(loaded.examples[0])
+    with pytest.warns(UserWarning, match="skipped 1 malformed rows"):
+        assert FileDataset(path, adapter="celsius", on_error="skip").load() == loaded.examples
+    assert ADAPTERS["celsius"].__doc__.startswith("Temperatures")
+
+
+def test_registration_refuses_a_duplicate_name_or_an_unknown_family(clean_registry):
+    with pytest.raises(ValueError, match="'gsm8k' is already registered"):
+        register_adapter("gsm8k", family="math")(lambda row: None)
+    with pytest.raises(ValueError, match="unknown prompt family 'poem'.*choose one of"):
+        register_adapter("verse", family="poem")
+    with pytest.raises(ValueError, match="FileDataset.adapter: unknown dataset adapter 'gsm9k'; choose one of"):
+        FileDataset("x.jsonl", adapter="gsm9k")
+
+
+def test_adapters_keep_the_records_signature():
+    records = [{"question": "a", "answer": "#### 1"}, {"question": "b", "answer": "2"}]
+    examples, skipped = ADAPTERS["gsm8k"](records, source="s", on_error="skip")
+    assert skipped == 1 and examples[0].gold == ("1",) and examples[0].source == "s"
+    examples, skipped = ADAPTERS["generic"]([{"q": "x", "a": "y"}], question_field="q", answer_field="a")
+    assert (examples[0].question, examples[0].gold, examples[0].source, skipped) == ("x", ("y",), "generic", 0)

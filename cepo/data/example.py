@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# Prompt frames (rendered by cepo.data.prompts); a dataset adapter declares one when it is registered.
+# "raw" (alias "plain") is the question verbatim, with no instruction.
+PROMPT_FAMILIES = ("math", "multiple_choice", "yes_no", "open", "raw", "plain")
+
 
 @dataclass(frozen=True)
 class Example:

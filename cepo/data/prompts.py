@@ -12,34 +12,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from cepo.data.example import Example
 from cepo.answers.parsing import answer_instruction
+from cepo.data.datasets import FAMILY_BY_ADAPTER
+from cepo.data.example import PROMPT_FAMILIES, Example
 
-FAMILIES = ("math", "multiple_choice", "yes_no", "open", "raw", "plain")
+FAMILIES = PROMPT_FAMILIES
 
-# Default family of each dataset adapter (keys of cepo.data.datasets.ADAPTERS). BBEH causal
-# understanding is "open" because its questions allow a third reply ("Ambiguous") and say so themselves.
-FAMILY_BY_ADAPTER: dict[str, str] = {
-    "generic": "open",
-    "gsm8k": "math",
-    "math": "math",
-    "bbeh_arithmetic": "math",
-    "bbeh_causal": "open",
-    "ifqa": "open",
-    "casehold": "multiple_choice",
-    "logiqa": "multiple_choice",
-    "cladder": "yes_no",
-    "legalbench_causality": "yes_no",
-    "shortcut": "raw",
-}
+# FAMILY_BY_ADAPTER is filled by cepo.data.datasets.register_adapter; sources without an adapter:
+_FAMILY_BY_SOURCE = {"shortcut": "raw"}  # the embedded task writes its prompts verbatim
 
 _FAMILY_BY_KIND = {"math": "math", "number": "math", "choice": "multiple_choice", "yes_no": "yes_no"}
 
 
 def family_for(example: Example) -> str:
-    """The default family: by the example's source (adapter name), else by its answer kind."""
+    """The default family: the one its adapter registered (by ``example.source``), else by its answer kind."""
     if example.source in FAMILY_BY_ADAPTER:
         return FAMILY_BY_ADAPTER[example.source]
+    if example.source in _FAMILY_BY_SOURCE:
+        return _FAMILY_BY_SOURCE[example.source]
     return _FAMILY_BY_KIND.get(example.answer_kind, "open")
 
 

@@ -7,9 +7,11 @@ metrics are logged (``val/<name>/accuracy``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from cepo.data.datasets import ADAPTERS, load_examples, paper_training_mix
 from cepo.data.example import Example
 from cepo.data.shortcut import shortcut_examples
 
@@ -80,7 +82,7 @@ class ShortcutTask(DatasetSource):
 
 
 class FileDataset(DatasetSource):
-    """A local JSON/JSONL/CSV file or a hub dataset, read through a named adapter."""
+    """A local data file or folder, or a hub dataset, read through a named adapter."""
 
     def __init__(
         self,
@@ -89,27 +91,35 @@ class FileDataset(DatasetSource):
         split: str | None = None,
         question_field: str = "question",
         answer_field: str = "answer",
-        on_error: str = "raise",
+        on_error: Literal["raise", "skip"] = "raise",
         limit: int | None = None,
         name: str | None = None,
         config_name: str | None = None,
     ) -> None:
         """
         Args:
-            path: Local ``.json``/``.jsonl``/``.csv`` file, or a hub dataset name (needs ``cepo[hub]``).
-            adapter: Format adapter: ``generic``, ``gsm8k``, ``math``, ``bbeh_causal``, ``casehold``,
-                ``ifqa``, ``bbeh_arithmetic``, ``cladder``, ``legalbench_causality``, ``logiqa``.
-            split: Split of a hub dataset (``train``, ``test``, ...).
-            question_field: Question column for the ``generic`` adapter.
-            answer_field: Answer column for the ``generic`` adapter.
-            on_error: ``raise`` on a malformed row (the error names file and row) or ``skip`` it and
-                count it (a warning at load, and ``skipped`` in the dataset's evaluation results).
+            path: Local ``.json``/``.jsonl``/``.csv``/``.parquet`` file; a folder holding ``<split>.jsonl``
+                (or ``.json``/``.csv``), written by ``datasets``' ``save_to_disk``, or of hub-layout Parquet
+                shards; or a hub dataset name. Parquet, ``datasets`` folders and hub names need
+                ``cepo[hub]``; offline, a hub name needs ``HF_HUB_OFFLINE=1`` and a cached copy.
+            adapter: Format adapter, one of: @ADAPTERS@.
+            split: Split of a folder, a saved ``DatasetDict`` or a hub dataset (``train``, ``test``, ...);
+                optional when there is only one.
+            question_field: Question column (by default ``question``, else ``problem`` or ``input``).
+            answer_field: Answer column (by default ``answer``, else ``target``).
+            on_error: ``raise`` on an unreadable or malformed row (the error names file and line) or
+                ``skip`` it and count it (a warning at load naming the first rows and why, and
+                ``skipped`` in the dataset's evaluation results).
             limit: Keep only the first ``limit`` examples (file order, so CLadder's adjacent pairs stay
                 together).
             name: Name in logs (default: the file stem or dataset name).
             config_name: Configuration of a hub dataset (GSM8K on the hub needs ``main``).
         """
         super().__init__(name=name, limit=limit)
+        if adapter not in ADAPTERS:
+            raise ValueError(
+                f"FileDataset.adapter: unknown dataset adapter {adapter!r}; choose one of {', '.join(ADAPTERS)}"
+            )
         self.path, self.adapter, self.split = path, adapter, split
         self.question_field, self.answer_field, self.on_error = question_field, answer_field, on_error
         self.config_name = config_name
@@ -118,16 +128,30 @@ class FileDataset(DatasetSource):
         return Path(self.path).stem if Path(self.path).suffix else self.path.rstrip("/").split("/")[-1]
 
     def _load(self) -> list[Example]:
-        from cepo.data.datasets import load_examples
-
         loaded = load_examples(
             self.path, self.adapter, split=self.split, question_field=self.question_field,
             answer_field=self.answer_field, on_error=self.on_error, config_name=self.config_name,
         )
         self.skipped = loaded.skipped
         if loaded.skipped:
-            rank_zero_warn(f"{self.name}: skipped {loaded.skipped} malformed rows of {self.path} (on_error=skip)")
+            first = "; ".join(f"{where}: {why}" for where, why in loaded.skips[:3])
+            more = f"; and {loaded.skipped - 3} more" if loaded.skipped > 3 else ""
+            rank_zero_warn(
+                f"{self.name}: skipped {loaded.skipped} malformed rows of {self.path} (on_error=skip): {first}{more}"
+            )
+        if not loaded.examples:
+            raise ValueError(
+                f"dataset source {self.name!r}: every row of {self.path} was skipped ({loaded.skipped}); the "
+                f"first: {loaded.skips[0][0]}: {loaded.skips[0][1]}. Check the adapter ({self.adapter!r}) and "
+                "the question_field/answer_field options"
+            )
         return list(loaded.examples)
+
+
+# The adapter list in --help is the registry's, so a newly registered adapter shows up there too.
+FileDataset.__init__.__doc__ = FileDataset.__init__.__doc__.replace(
+    "@ADAPTERS@", ", ".join(f"``{name}``" for name in ADAPTERS)
+)
 
 
 class PaperMix(DatasetSource):
@@ -160,7 +184,5 @@ class PaperMix(DatasetSource):
         return f"paper_mix_{self.part}"
 
     def _load(self) -> list[Example]:
-        from cepo.data.datasets import paper_training_mix
-
         train, val = paper_training_mix(self.root, self.per_source, self.val_fraction, self.seed)
         return train if self.part == "train" else val
