@@ -295,7 +295,8 @@ class RewardDiagnostics(L.Callback):
         coherence = interventional = None
         unknown = []
         for cb in trainer.callbacks:
-            if not hasattr(cb, "on_rollout_batch") or cb is self:
+            is_reward = hasattr(cb, "on_rollout_batch") or hasattr(cb, "score_rollout")
+            if not is_reward or cb is self:
                 continue
             if isinstance(getattr(cb, "scorer", None), CoherenceScorer) and coherence is None:
                 coherence = cb
