@@ -2,6 +2,7 @@
 
 from cepo.coherence.scorer import CoherenceScorer
 from cepo.data.datamodule import PromptDataModule
+from cepo.data.prompt_file import PromptFile
 from cepo.data.sources import DatasetSource, FileDataset, PaperMix, ShortcutTask
 from cepo.rewards.base import AccuracyReward, FormatReward, RewardFunction
 from cepo.training.coherence_callback import CoherenceRewardCallback
@@ -12,7 +13,7 @@ from cepo.training.ppo import PPO
 
 __all__ = [
     "AccuracyReward", "CEPOModule", "CoherenceRewardCallback", "CoherenceScorer", "DatasetSource", "FileDataset", "FormatReward", "GRPO", "PaperMix", "PPO",
-    "PromptDataModule", "RewardFunction", "ShortcutTask",
+    "PromptDataModule", "PromptFile", "RewardFunction", "ShortcutTask",
     "InterventionalRewardCallback", "RewardDiagnostics",
 ]
 __version__ = "0.1.0"

@@ -9,20 +9,25 @@ from __future__ import annotations
 import os
 
 from jsonargparse import lazy_instance, set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from cepo.data.datamodule import PromptDataModule
 from cepo.training.checkpointing import LatestCheckpoint
+from cepo.training.export import AdapterCheckpoint, CEPOTrainer, MergedExport
 from cepo.training.module import CEPOModule
+from cepo.training.predict import PredictionWriter
 
 
 class CEPOCLI(LightningCLI):
+    def __init__(self, *args, trainer_class=CEPOTrainer, **kwargs) -> None:
+        # CEPOTrainer adds the `export` subcommand; it is the default however the CLI is built.
+        super().__init__(*args, trainer_class=trainer_class, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"model": {"class_path": "cepo.training.module.GRPO"}})
         # Checkpoints follow a validation accuracy, never the RL loss (which is not a progress signal).
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")  # + <ckpt>-adapter/ beside each
         parser.set_defaults({
             "checkpoint.monitor": "val/accuracy",
             "checkpoint.mode": "max",
@@ -31,6 +36,13 @@ class CEPOCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(LatestCheckpoint, "latest_checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "prediction")  # `cepo predict`'s output options
+        parser.add_lightning_class_args(MergedExport, "merge")  # --merge.at_fit_end true: merged model
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # `cepo export`: merge a checkpoint's LoRA adapter into the base weights (CEPOTrainer.export).
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def before_fit(self) -> None:
         self._check_trainer()

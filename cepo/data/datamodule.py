@@ -86,6 +86,7 @@ class PromptDataModule(LightningDataModule):
         prompts_per_step: int = 8,
         eval_batch_size: int = 32,
         seed: int = 0,
+        predict: list[DatasetSource] | None = None,
     ) -> None:
         """
         Args:
@@ -96,11 +97,14 @@ class PromptDataModule(LightningDataModule):
                 samples, so a step generates ``prompts_per_step * group_size`` completions per device.
             eval_batch_size: Prompts per generation batch during validation/test.
             seed: Seed of the training stream's shuffling.
+            predict: Sources whose questions ``cepo predict`` answers (default: the validation sources);
+                ``cepo.PromptFile`` reads a JSONL/CSV/text file or stdin, with or without gold answers.
         """
         super().__init__()
         self.train_source = train if train is not None else ShortcutTask()
         self.val_sources = list(val or [])
         self.test_sources = list(test or [])
+        self.predict_sources = list(predict or [])
         if prompts_per_step < 1 or eval_batch_size < 1:
             raise ValueError("data.prompts_per_step and data.eval_batch_size must be >= 1")
         self.prompts_per_step, self.eval_batch_size, self.seed = prompts_per_step, eval_batch_size, seed
@@ -115,7 +119,7 @@ class PromptDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         for source in self._sources(stage):
             self._examples(source)
-        for split_names in (self.val_sources, self.test_sources):
+        for split_names in (self.val_sources, self.test_sources, self.predict_sources):
             seen = [s.name for s in split_names]
             duplicates = sorted({n for n in seen if seen.count(n) > 1})
             if duplicates:
@@ -126,6 +130,7 @@ class PromptDataModule(LightningDataModule):
             "fit": [self.train_source, *self.val_sources],
             "validate": self.val_sources,
             "test": self.test_sources,
+            "predict": self.predict_sources or self.val_sources,
         }.get(stage, [])
 
     def train_dataloader(self) -> DataLoader:
@@ -151,6 +156,15 @@ class PromptDataModule(LightningDataModule):
         if not self.test_sources:
             raise ValueError("`cepo test` needs data.test sources; add them to the config (see configs/)")
         return self._eval_loaders(self.test_sources)
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        sources = self._sources("predict")
+        if not sources:
+            raise ValueError(
+                "`cepo predict` needs questions: set data.predict (e.g. --data.predict+=cepo.PromptFile "
+                "--data.predict.path questions.jsonl) or data.val sources"
+            )
+        return self._eval_loaders(sources)
 
     def eval_names(self, stage: str) -> list[str]:
         return [s.name for s in (self.test_sources if stage == "test" else self.val_sources)]

@@ -36,6 +36,7 @@ from cepo.rewards.combiner import power_mean
 from cepo.rl.grpo import ADVANTAGE_SCALES, LOSS_TYPES, group_advantages, grpo_loss, loss_normalizer, masked_mean
 from cepo.rl.grpo import zero_std_fraction
 from cepo.rollout import Rollout
+from cepo.training.predict import PredictionBatch
 
 
 @dataclass
@@ -473,6 +474,10 @@ class CEPOModule(LightningModule):
 
     def test_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch)
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> PredictionBatch:
+        """``cepo predict``: the completions, decoded as in validation; ``PredictionWriter`` writes them."""
+        return PredictionBatch(self.make_rollout(batch, "predict"), batch.source)
 
     def _eval_end(self, stage: str) -> dict[str, dict[str, float]]:
         results = {name: metric.compute() for name, metric in self._eval_metrics.items()}

@@ -1,0 +1,150 @@
+"""``cepo predict``: answer questions with a trained policy and write one JSON line per completion.
+
+The module's ``predict_step`` generates exactly as validation does (greedy unless
+``model.generation.eval_temperature`` > 0; ``model.eval_num_samples`` completions per question) and
+returns the rollout; :class:`PredictionWriter` turns each rollout into records and appends them to a
+JSONL file as the batches finish.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from cepo.answers.matching import answers_match
+from cepo.coherence.scorer import CHANNELS
+from cepo.rollout import Rollout
+from cepo.training.coherence_callback import CoherenceRewardCallback
+
+STDOUT = "-"
+
+
+def prediction_records(rollout: Rollout, dataset: str, coherence: dict[str, torch.Tensor] | None = None
+                       ) -> list[dict[str, Any]]:
+    """One JSON-ready record per completion of ``rollout``, whose questions come from the source named
+    ``dataset``.
+
+    ``correct`` is present only when the question has a gold answer; it is the accuracy reward's verdict
+    (``answers_match`` under the example's matching rule). ``coherence`` maps channel names to ``(N,)``
+    scores to include as ``coherence_<channel>``.
+    """
+    records = []
+    group = max(rollout.group_size, 1)
+    for i, example in enumerate(rollout.examples):
+        record: dict[str, Any] = {
+            "dataset": dataset,
+            "id": example.id,
+            "sample": i % group,
+            "question": example.question,
+            "prompt": rollout.prompts[i],
+            "completion": rollout.completions[i],
+            "rationale": rollout.rationales[i],
+            "answer": rollout.answers[i],
+            "marker_found": bool(rollout.marker_found[i]),
+            "truncated": bool(rollout.truncated[i]),
+        }
+        if example.gold:
+            record["gold"] = list(example.gold)
+            record["correct"] = bool(answers_match(
+                rollout.answers[i], example.gold, example.answer_kind, options=example.meta.get("options")
+            ))
+        for channel, values in (coherence or {}).items():
+            record[f"coherence_{channel}"] = float(values[i])
+        records.append(record)
+    return records
+
+
+class PredictionBatch:
+    """What ``predict_step`` returns: the rollout of one batch and, when requested, its coherence scores.
+
+    A plain class rather than a dataclass, so Lightning's output handling leaves it whole;
+    ``trainer.predict(...)`` returns a list of these (``records()`` gives the JSON lines).
+    """
+
+    def __init__(self, rollout: Rollout, dataset: str) -> None:
+        self.rollout, self.dataset = rollout, dataset
+        self.coherence: dict[str, torch.Tensor] | None = None
+
+    def records(self) -> list[dict[str, Any]]:
+        return prediction_records(self.rollout, self.dataset, self.coherence)
+
+
+class PredictionWriter(Callback):
+    """Writes ``cepo predict``'s completions as JSON lines (nothing happens in fit/validate/test).
+
+    Each line holds ``dataset``, ``id``, ``sample``, ``question``, ``prompt`` (Z as the policy saw it),
+    ``completion``, ``rationale`` (X) and ``answer`` (Y) from the project's answer parser,
+    ``marker_found``, ``truncated``, and, when the question has a gold answer, ``gold`` and ``correct``.
+    """
+
+    def __init__(self, output: str | None = None, coherence: bool = False) -> None:
+        """
+        Args:
+            output: JSONL file to write (overwritten); ``-`` writes to stdout (add
+                ``--trainer.enable_progress_bar false`` to keep the progress bar out of it). Default:
+                ``<log_dir>/predictions.jsonl``. With several devices each rank writes its own file,
+                suffixed ``.rank<N>``.
+            coherence: Also score each completion's coherence channels (``coherence_zx``,
+                ``coherence_xy``, ``coherence_zy``) with the configured ``CoherenceRewardCallback``'s
+                scorer and network (default scorer on the reference network if none is configured).
+                Costs one Jacobian pass per batch.
+        """
+        self.output = output
+        self.coherence = coherence
+        self.path: Path | None = None
+        self.written = 0
+        self._handle: TextIO | None = None
+        self._scoring: CoherenceRewardCallback | None = None
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.written = 0
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir broadcasts
+        if self.output == STDOUT:
+            self.path, self._handle = None, sys.stdout
+        else:
+            path = Path(self.output).expanduser() if self.output else log_dir / "predictions.jsonl"
+            if trainer.world_size > 1:
+                path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.path, self._handle = path, path.open("w")
+        self._scoring = None
+        if self.coherence:
+            configured = [cb for cb in trainer.callbacks if isinstance(cb, CoherenceRewardCallback)]
+            self._scoring = configured[0] if configured else CoherenceRewardCallback()
+
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not isinstance(outputs, PredictionBatch):
+            raise TypeError(
+                f"PredictionWriter expects predict_step to return a PredictionBatch, got {type(outputs).__name__}"
+            )
+        if self._scoring is not None:
+            outputs.coherence = self._score(pl_module, outputs.rollout)
+        for record in outputs.records():
+            self._handle.write(json.dumps(record) + "\n")
+            self.written += 1
+        self._handle.flush()
+
+    def _score(self, pl_module: LightningModule, rollout: Rollout) -> dict[str, torch.Tensor]:
+        callback = self._scoring
+        kwargs = dict(tokenizer=pl_module.tokenizer, prompts=rollout.prompts, rationales=rollout.rationales,
+                      answers=rollout.answers, step=int(pl_module.rollout_step))
+        with torch.inference_mode(False), torch.enable_grad():  # the scorer differentiates
+            if callback.network == "reference":
+                with pl_module.reference_model() as net:
+                    result = callback.scorer.score(net, **kwargs)
+            else:
+                result = callback.scorer.score(pl_module.policy, **kwargs)
+        return {channel: getattr(result, channel) for channel in CHANNELS}
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._handle is not None and self._handle is not sys.stdout:
+            self._handle.close()
+            rank_zero_info(f"{self.written} predictions written to {self.path}")
+        self._handle = None
