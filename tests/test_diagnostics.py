@@ -172,3 +172,21 @@ def test_test_stage_writes_its_own_file_with_chosen_options(tmp_path):
     assert {(r["pairs"], r["network"], r["n"]) for r in rows} == {("edited/cue", "policy", 3)}
     assert {r["channel"] for r in rows} == {"zx", "xy", "zy", "fused", "fused_same_accuracy"}
     assert all(r["stage"] == "test" and r["rollout_step"] == 0 for r in rows)
+
+
+@pytest.mark.parametrize("during_fit, runs", [("all", [2, 4]), ("last", [4]), ("none", [])])
+def test_during_fit_chooses_the_validations(during_fit, runs, monkeypatch):
+    from types import SimpleNamespace
+
+    callback = RewardDiagnostics(during_fit=during_fit)
+    seen = []
+    monkeypatch.setattr(callback, "run", lambda trainer, module, stage: seen.append((module.rollout_step, stage)))
+    trainer = SimpleNamespace(sanity_checking=False, state=SimpleNamespace(fn="fit"), max_steps=4)
+    for step in (2, 4):
+        callback.on_validation_epoch_end(trainer, SimpleNamespace(rollout_step=step))
+    assert seen == [(s, "val") for s in runs]
+    validate = SimpleNamespace(sanity_checking=False, state=SimpleNamespace(fn="validate"), max_steps=4)
+    callback.on_validation_epoch_end(validate, SimpleNamespace(rollout_step=0))  # `cepo validate` always runs
+    assert seen[-1] == (0, "val")
+    with pytest.raises(ValueError, match="during_fit"):
+        RewardDiagnostics(during_fit="sometimes")

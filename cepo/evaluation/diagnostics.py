@@ -238,7 +238,8 @@ class RewardDiagnostics(L.Callback):
     scored on each member) and ``fused_same_accuracy`` (the same with the unfaithful member given the
     faithful member's reward-function terms: what a GRPO group of equally right samples sees).
     Terms of other reward callbacks are not known here and are left out of the fused reward (a warning
-    names them).
+    names them). Under data parallelism every rank scores the same pairs (the work is deterministic and
+    small next to a validation) and rank zero writes the file.
     """
 
     def __init__(
