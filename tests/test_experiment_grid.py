@@ -82,3 +82,22 @@ def test_reduced_grid_end_to_end_and_resumes(tmp_path, capsys):
     G.main(args)  # everything finished: nothing runs again, the table is rebuilt
     assert capsys.readouterr().out.count("[grid] skip") == 5
     assert [p.stat().st_mtime for p in done] == stamps
+
+
+def arm_commands():
+    grid = G.load_grid(GRID)
+    return [(run.name, run.command[4:]) for run in G.plan(grid, Path("unused"), seeds=grid.seeds[:1])]
+
+
+@pytest.mark.parametrize("name, args", arm_commands(), ids=[name for name, _ in arm_commands()])
+def test_every_arm_command_parses(name, args, capsys, monkeypatch):
+    """Each run's configs and flags make a valid `cepo` command (an option renamed elsewhere breaks here)."""
+    from cepo.cli import main
+
+    monkeypatch.chdir(ROOT)
+    subcommand = "validate" if name == "start" else "fit"
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, *args, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "RewardDiagnostics" in printed and "during_fit: last" in printed
