@@ -75,7 +75,9 @@ def lora_moved(policy) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("network", ["reference", "policy"])
 def test_cepo_fit_logs_channel_scores_and_trains_the_adapter(tmp_path, monkeypatch, network):
-    cli = fit(tmp_path, monkeypatch, "cepo", "--trainer.callbacks.init_args.network", network)
+    # Equal completions get equal scores (and zero advantage), so sample hot enough that groups differ.
+    cli = fit(tmp_path, monkeypatch, "cepo", "--trainer.callbacks.init_args.network", network,
+              "--model.init_args.generation.temperature", "2.0")
     callback = coherence_callback(cli)
     assert callback.network == network and callback.scorer.num_counterfactuals == 2
     assert callback.weights == {"zx": 0.1, "xy": 0.1, "zy": 0.1} and cli.model.reward_p == pytest.approx(0.2)

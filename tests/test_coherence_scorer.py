@@ -122,7 +122,7 @@ def test_cached_prefix_gives_the_full_sequence_gradients(tiny_llama, char_tokeni
     eos, pad = char_tokenizer.eos_token_id, char_tokenizer.pad_token_id
     assert _PrefixCache.build(tiny_llama, [[5, 6, eos], [7, eos]], pad) is not None  # the cached path runs
     with torch.enable_grad():
-        cached = scorer._rationale_rows(tiny_llama, shuffled, eos, pad)
+        cached = scorer._rationale_rows(tiny_llama, shuffled, eos, pad, 3)
         _, G_Y = scorer._gradients(tiny_llama, shuffled, eos, pad)
     for row, (seq, rows) in enumerate(zip(shuffled, cached)):
         start = len(seq.z) + 1

@@ -95,3 +95,13 @@ def test_word_shuffle_never_returns_the_original_order_when_another_exists():
     rng = _random.Random(0)
     assert all(shuffle("7+5=12; 12-3=9;", rng) == "12-3=9; 7+5=12;" for _ in range(50))
     assert shuffle("same same", rng) == "same same"  # one distinct word: nothing to permute
+
+
+def test_draws_follow_the_text_or_key_not_the_position():
+    text = "one two three four five six"
+    rows = draw_counterfactuals([text, "x y z", text], WordShuffle(), 3, seed="0:1")
+    assert rows[0] == rows[2]  # the same text at another row draws the same shuffles
+    assert draw_counterfactuals([text], WordShuffle(), 3, seed="0:1")[0] == rows[0]
+    keyed = draw_counterfactuals([text, text], WordShuffle(), 3, seed="0:1", keys=["rollout a", "rollout b"])
+    assert keyed[0] != keyed[1]  # different keys (e.g. different completions) draw independently
+    assert keyed[0] == draw_counterfactuals([text], WordShuffle(), 3, seed="0:1", keys=["rollout a"])[0]

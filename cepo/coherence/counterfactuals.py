@@ -8,6 +8,7 @@ reference, section 4). Generators are small frozen dataclasses, so a config can 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -121,18 +122,33 @@ COUNTERFACTUALS: dict[str, type[Counterfactual]] = {
 
 
 def draw_counterfactuals(
-    texts: list[str], generator: Counterfactual, k: int, seed: int | str = 0
+    texts: list[str],
+    generator: Counterfactual,
+    k: int,
+    seed: int | str = 0,
+    keys: list[str] | None = None,
 ) -> list[list[str]]:
     """``k`` counterfactuals of every text: ``out[i][j]`` is draw j of ``texts[i]``.
 
-    Text i draws from its own ``random.Random(f"{seed}:{i}")``, so its counterfactuals depend only on
-    the seed, its index and itself, not on the other texts. Pass e.g. ``seed=f"{base_seed}:{step}"`` to
-    get fresh draws at every training step that replay exactly on a rerun.
+    Text i draws from its own ``random.Random`` seeded by ``seed`` and ``keys[i]`` (default: the text
+    itself), never by its position in the list, so equal keys give equal draws and a text's draws do not
+    depend on the other texts. Pass e.g. ``seed=f"{base_seed}:{step}"`` to get fresh draws at every
+    training step that replay exactly on a rerun; pass ``keys`` to tie the draws to more than the text
+    (the coherence scorer keys them by the whole rollout: prompt, rationale and answer).
     """
     if k < 0:
         raise ValueError(f"the number of counterfactuals must be >= 0, got {k}")
+    if keys is not None and len(keys) != len(texts):
+        raise ValueError(f"keys needs one entry per text: got {len(keys)} for {len(texts)} texts")
     out = []
     for i, text in enumerate(texts):
-        rng = random.Random(f"{seed}:{i}")
+        rng = random.Random(draw_seed(seed, text if keys is None else keys[i]))
         out.append([generator(text, rng) for _ in range(k)])
     return out
+
+
+def draw_seed(*parts: object) -> str:
+    """A seed string for ``random.Random`` that identifies ``parts`` unambiguously (JSON, so no two
+    different tuples of strings and numbers give the same seed). ``random.Random`` hashes a string seed
+    with SHA-512, so the draws do not depend on ``PYTHONHASHSEED`` and replay in any process."""
+    return json.dumps([str(part) if not isinstance(part, (int, float, str)) else part for part in parts])

@@ -130,7 +130,8 @@ def shape_score(R: Tensor) -> Tensor:
     Computed in float32: ``s_i^2`` are the eigenvalues of the smaller Gram matrix (``R R^T`` when rows <=
     d, else ``R^T R``), so the ratio is the top eigenvalue over the trace. ``R`` is first scaled to unit
     Frobenius norm (the ratio is scale free) so that tiny gradients do not underflow when squared.
-    ``(..., rows, d) -> (...)``; zero rows add zero eigenvalues and change nothing.
+    ``(..., rows, d) -> (...)``; zero rows add zero eigenvalues and change nothing. A matrix holding an
+    inf or NaN scores 0 (the other matrices of a batch are unaffected).
     """
     R = R.float()
     out_shape = R.shape[:-2]
@@ -140,6 +141,8 @@ def shape_score(R: Tensor) -> Tensor:
     peak = R.abs().flatten(-2).amax(dim=-1)  # (...)
     ok = torch.isfinite(peak) & (peak > 0)
     scaled = R / torch.where(ok, peak, torch.ones_like(peak))[..., None, None]
+    # A matrix with an inf or NaN scores 0 instead of failing the eigen-decomposition of the whole batch.
+    scaled = torch.where(ok[..., None, None], scaled, torch.zeros_like(scaled))
     scaled = scaled / scaled.flatten(-2).norm(dim=-1).clamp_min(1.0)[..., None, None]
     if R.shape[-2] <= R.shape[-1]:
         gram = scaled @ scaled.transpose(-1, -2)  # (..., rows, rows)

@@ -11,7 +11,9 @@ sections 3 and 4, gives the formulas.
 
 from __future__ import annotations
 
+import gc
 import inspect
+import logging
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -20,10 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from cepo.coherence import math as cm
-from cepo.coherence.counterfactuals import Counterfactual, WordShuffle, draw_counterfactuals
-from cepo.policy.forward import autocast_off, backbone_and_head, gather_logprobs, position_ids_from_mask
+from cepo.coherence.counterfactuals import Counterfactual, WordShuffle, draw_counterfactuals, draw_seed
+from cepo.policy.forward import autocast_off, backbone_and_head, gather_logprobs, position_ids_from_mask, unwrap
 
 CHANNELS = ("zx", "xy", "zy")
+AUTO_START = 256  # micro_batch_size="auto" starts here and halves on out-of-memory
+
+logger = logging.getLogger(__name__)
 
 # Kinds of sequence a rollout contributes.
 _BASE, _PROMPT_CF, _RATIONALE_CF = 0, 1, 2
@@ -37,7 +42,11 @@ class CoherenceResult:
     rationale; ``zy``: S_ZY, the answer's direct dependence on the prompt (the part not carried through
     the rationale). ``diagnostics`` maps names to ``(N,)`` tensors: ``{c}_shape`` and ``{c}_magnitude``
     (the two factors of each score), ``{c}_norm`` (the Frobenius norm of the base matrix ``J_c``) and
-    ``zy_total_norm`` (``||J_ZYtot||`` before the direct-effect projection).
+    ``zy_total_norm`` (``||J_ZYtot||`` before the direct-effect projection), and per-row flags (1.0 or
+    0.0; their logged means are fractions of the batch): ``duplicate`` (the same texts as an earlier
+    row, whose scores it shares: scored once), ``skipped_nonfinite`` (an inf or NaN in its Jacobians:
+    scored at the floor), ``truncated`` (cut to fit the model's positions) and ``content_not_found``
+    (its prompt content was not in its prompt: the whole prompt was shuffled).
     """
 
     zx: Tensor
@@ -54,6 +63,7 @@ class _Sequence:
     z: list[int]
     x: list[int]
     y: list[int]
+    truncated: bool = False  # cut to fit the model's positions
 
     def __len__(self) -> int:
         return len(self.z) + len(self.x) + len(self.y) + 2
@@ -70,6 +80,28 @@ class _Slices:
     zy_total_cf: dict[int, Tensor] = field(default_factory=dict)
     xy_cf: dict[int, Tensor] = field(default_factory=dict)
 
+    def matrices(self) -> dict[str, Tensor]:
+        """Every matrix by a name that says which channel and sequence it came from."""
+        out = {"J_ZX (base)": self.zx, "J_ZYtot (base)": self.zy_total, "J_XY (base)": self.xy}
+        for k in sorted(self.zx_cf):
+            out[f"J_ZX (shuffled prompt {k})"] = self.zx_cf[k]
+            out[f"J_ZYtot (shuffled prompt {k})"] = self.zy_total_cf[k]
+        for k in sorted(self.xy_cf):
+            out[f"J_XY (shuffled rationale {k})"] = self.xy_cf[k]
+        return out
+
+    def nonfinite(self) -> list[str]:
+        """Names of the matrices that hold an inf or NaN."""
+        return [name for name, J in self.matrices().items() if J is not None and not bool(torch.isfinite(J).all())]
+
+    def zero(self) -> None:
+        """Replace every matrix by zeros of its shape (a skipped rollout still runs through the batched
+        arithmetic, whose result is then overwritten with the floor)."""
+        for store in (self.zx_cf, self.zy_total_cf, self.xy_cf):
+            for k in store:
+                store[k] = torch.zeros_like(store[k])
+        self.zx, self.zy_total, self.xy = (torch.zeros_like(J) for J in (self.zx, self.zy_total, self.xy))
+
 
 class CoherenceScorer:
     """Scores the causal coherence of rollouts from input-embedding gradients (CE-PO, arXiv 2509.23095).
@@ -82,11 +114,15 @@ class CoherenceScorer:
     two vector-Jacobian products; the K shuffled rationales need only G_Y at their X~ rows, so they share
     one cached, gradient-free pass over the rollout's prompt prefix ``[Z] <eos>`` and run only the suffix
     ``[X~] <eos> [Y]``. Models with sliding-window attention run full sequences instead.
+
+    A rollout's scores are a function of its texts and the step (the counterfactual draws are seeded by
+    them), so each distinct (prompt, rationale, answer) is scored once per call and the scores are
+    copied to its duplicates: late in training many of a group's G completions are identical.
     """
 
     def __init__(
         self,
-        micro_batch_size: int = 16,
+        micro_batch_size: int | str = 16,
         num_counterfactuals: int = 4,
         counterfactual: Counterfactual = WordShuffle(),
         max_prompt_tokens: int | None = None,
@@ -95,10 +131,14 @@ class CoherenceScorer:
         floor: float = 0.005,
         hardened: bool = True,
         seed: int = 0,
+        context_overflow: str = "truncate",
+        activation_checkpointing: bool = False,
     ) -> None:
         """
         Args:
-            micro_batch_size: Sequences per forward/backward pass, and rollouts whose gradients are held at once.
+            micro_batch_size: Sequences per forward/backward pass, and rollouts whose gradients are held at
+                once; ``"auto"``: start at 256 and halve on out-of-memory until a pass fits (the size found
+                is kept for later calls).
             num_counterfactuals: K, draws per prompt and per rationale (authors: 4 up to 4B, 1 for 8B); 0: none.
             counterfactual: Generator of the counterfactual texts (default: the authors' word shuffle).
             max_prompt_tokens: Keep at most this many prompt tokens, the last ones (None: no cap).
@@ -106,10 +146,17 @@ class CoherenceScorer:
             max_answer_tokens: Keep at most this many answer tokens, the first ones (None: no cap).
             floor: Lowest score f: a channel scores ``f + (1 - f) * sqrt(shape * magnitude)``, in [f, 1].
             hardened: False gives the naive variant of the reward-hacking study: no counterfactuals, no magnitude.
-            seed: Base seed of the counterfactual draws, which depend on (seed, step, rollout index).
+            seed: Base seed of the counterfactual draws, which depend on (seed, step, the rollout's texts).
+            context_overflow: A sequence ``[Z] <eos> [X] <eos> [Y]`` longer than the model's positions
+                (``max_position_embeddings``): ``"truncate"`` cuts it to fit (prompt from the left first, then
+                rationale from the left, then answer from the right) and counts it in the ``truncated``
+                diagnostic; ``"error"`` refuses it.
+            activation_checkpointing: Recompute each decoder layer's activations in the backward passes
+                instead of storing them: less memory per sequence, about one more forward per VJP.
+                Shuffled rationales then run as full sequences (a checkpointed layer cannot reuse a cache).
         """
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if micro_batch_size != "auto" and not (isinstance(micro_batch_size, int) and micro_batch_size >= 1):
+            raise ValueError(f"micro_batch_size must be an integer >= 1 or 'auto', got {micro_batch_size!r}")
         if num_counterfactuals < 0:
             raise ValueError(f"num_counterfactuals must be >= 0, got {num_counterfactuals}")
         for name, cap in (
@@ -121,6 +168,8 @@ class CoherenceScorer:
                 raise ValueError(f"{name} must be >= 0 or None, got {cap}")
         if not 0.0 <= floor < 1.0:
             raise ValueError(f"floor must lie in [0, 1), got {floor}")
+        if context_overflow not in ("truncate", "error"):
+            raise ValueError(f"context_overflow must be 'truncate' or 'error', got {context_overflow!r}")
         self.micro_batch_size = micro_batch_size
         self.num_counterfactuals = num_counterfactuals
         self.counterfactual = counterfactual
@@ -130,6 +179,9 @@ class CoherenceScorer:
         self.floor = floor
         self.hardened = hardened
         self.seed = seed
+        self.context_overflow = context_overflow
+        self.activation_checkpointing = activation_checkpointing
+        self._auto_size = AUTO_START if micro_batch_size == "auto" else int(micro_batch_size)
 
     # ------------------------------------------------------------------ public entry point
 
@@ -143,14 +195,27 @@ class CoherenceScorer:
         counterfactual_prompts: Sequence[Sequence[str]] | None = None,
         counterfactual_rationales: Sequence[Sequence[str]] | None = None,
         step: int = 0,
+        prompt_contents: Sequence[str | None] | None = None,
     ) -> CoherenceResult:
         """Channel scores of N rollouts ``(prompts[i], rationales[i], answers[i])``.
 
-        ``counterfactual_prompts[i]`` / ``counterfactual_rationales[i]`` (each a list of K texts, the same
-        K for every rollout) replace the generated counterfactuals; by default they are drawn with
-        ``self.counterfactual`` from a generator seeded by ``(seed, step)``. The unhardened variant uses
-        no counterfactuals and ignores them. The model's training mode, gradient checkpointing and
-        ``requires_grad`` flags are left as they were, and no parameter ``.grad`` is touched.
+        The score of a rollout is a function of its texts and ``step`` alone: its counterfactuals are
+        drawn with ``self.counterfactual`` from a generator seeded by ``(seed, step, prompt, rationale,
+        answer)``, so identical rollouts score identically, and each distinct rollout is scored once and
+        its scores are copied to its duplicates (diagnostic ``duplicate``).
+
+        ``prompt_contents[i]``: the part of ``prompts[i]`` that shuffled prompts perturb (e.g. the user's
+        question inside a chat template); the text around it (system turn, role headers, instruction
+        frame) stays in place. It is located as the last occurrence of its stripped text in the prompt;
+        None, an empty string or a content the prompt does not contain (diagnostic
+        ``content_not_found``) perturbs the whole prompt. ``counterfactual_prompts[i]`` /
+        ``counterfactual_rationales[i]`` (each a list of K texts, the same K for every rollout) replace
+        the drawn counterfactuals. The unhardened variant uses no counterfactuals and ignores them.
+
+        A rollout whose gradients hold an inf or NaN (e.g. a half-precision overflow) is scored at the
+        floor on every channel, counted in the ``skipped_nonfinite`` diagnostic and named in a logged
+        warning. The model's training mode, gradient checkpointing and ``requires_grad`` flags are left as
+        they were, and no parameter ``.grad`` is touched.
         """
         n = len(prompts)
         if len(rationales) != n or len(answers) != n:
@@ -158,17 +223,45 @@ class CoherenceScorer:
                 f"prompts, rationales and answers must have one entry per rollout; got {n}, "
                 f"{len(rationales)} and {len(answers)}"
             )
+        if prompt_contents is not None and len(prompt_contents) != n:
+            raise ValueError(f"prompt_contents needs one entry per rollout: got {len(prompt_contents)} for {n}")
         if n == 0:
             empty = torch.zeros(0, dtype=torch.float32)
             return CoherenceResult(empty, empty.clone(), empty.clone(), {})
-        cf_prompts, cf_rationales = self._counterfactual_texts(
-            list(prompts), list(rationales), counterfactual_prompts, counterfactual_rationales, step
-        )
-        sequences = self._sequences(tokenizer, prompts, rationales, answers, cf_prompts, cf_rationales)
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError("the tokenizer has no eos_token_id: the coherence pass joins Z, X and Y with EOS")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        contents = [None] * n if prompt_contents is None else [c or None for c in prompt_contents]
+        given_p = _checked_given("counterfactual_prompts", counterfactual_prompts, n) if self.hardened else None
+        given_x = _checked_given("counterfactual_rationales", counterfactual_rationales, n) if self.hardened else None
+
+        # Every distinct rollout once: the score depends on nothing but these texts (and the step).
+        keys = [
+            (prompts[i], contents[i], rationales[i], answers[i],
+             None if given_p is None else tuple(given_p[i]), None if given_x is None else tuple(given_x[i]))
+            for i in range(n)
+        ]
+        first: dict[tuple, int] = {}
+        rows: list[int] = []  # the first row of each distinct rollout
+        inverse: list[int] = []  # row -> its distinct rollout
+        for i, key in enumerate(keys):
+            if key not in first:
+                first[key] = len(rows)
+                rows.append(i)
+            inverse.append(first[key])
+        u_prompts = [prompts[i] for i in rows]
+        u_rationales = [rationales[i] for i in rows]
+        u_answers = [answers[i] for i in rows]
+        cf_prompts, cf_rationales, not_found = self._counterfactual_texts(
+            u_prompts, [contents[i] for i in rows], u_rationales, u_answers,
+            None if given_p is None else [given_p[i] for i in rows],
+            None if given_x is None else [given_x[i] for i in rows],
+            step,
+        )
+        limit = _position_limit(model)
+        sequences = self._sequences(tokenizer, u_prompts, u_rationales, u_answers, cf_prompts, cf_rationales, limit, rows)
+        truncated = {seq.rollout for seq in sequences if seq.truncated}
         n_z_cf = len(cf_prompts[0]) if cf_prompts else 0
         n_x_cf = len(cf_rationales[0]) if cf_rationales else 0
 
@@ -177,32 +270,63 @@ class CoherenceScorer:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(_scoring_mode(model))
-            per_rollout = self._run(model, sequences, n, eos, pad, n_z_cf, n_x_cf)
+            if self.activation_checkpointing:
+                stack.enter_context(_checkpointed_layers(model))
+            per_rollout, nonfinite = self._run(model, sequences, len(rows), eos, pad, n_z_cf, n_x_cf)
+        if nonfinite:
+            copies = {u: [i for i in range(n) if inverse[i] == u] for u in nonfinite}
+            where = "; ".join(
+                f"rollout {', '.join(map(str, copies[u]))}: {', '.join(nonfinite[u])}" for u in sorted(nonfinite)
+            )
+            logger.warning(
+                "coherence scorer: non-finite Jacobian entries in %d distinct rollout(s), scored at the floor "
+                "(diagnostic coherence/skipped_nonfinite); %s. Half-precision overflow is the usual cause: "
+                "score a float32 network.", len(nonfinite), where,
+            )
+        if truncated:
+            logger.warning(
+                "coherence scorer: %d distinct rollout(s) had sequences longer than the model's %d positions "
+                "and were truncated to fit (diagnostic coherence/truncated); set max_prompt_tokens, "
+                "max_rationale_tokens or max_answer_tokens to choose the cut yourself.", len(truncated), limit,
+            )
 
         result = {key: torch.stack([r[key] for r in per_rollout]).float().cpu() for key in per_rollout[0]}
+        flags = {"skipped_nonfinite": set(nonfinite), "truncated": truncated, "content_not_found": not_found}
+        for name, marked in flags.items():
+            result[name] = torch.tensor([float(u in marked) for u in range(len(rows))])
+        index = torch.tensor(inverse, dtype=torch.long)
+        result = {key: value[index] for key, value in result.items()}
+        result["duplicate"] = torch.tensor([float(rows[inverse[i]] != i) for i in range(n)])
         zx, xy, zy = (result.pop(c) for c in CHANNELS)
         return CoherenceResult(zx=zx, xy=xy, zy=zy, diagnostics=result)
 
     # ------------------------------------------------------------------ inputs
 
-    def _counterfactual_texts(self, prompts, rationales, given_prompts, given_rationales, step):
+    def _counterfactual_texts(self, prompts, contents, rationales, answers, given_prompts, given_rationales, step):
+        """``(cf_prompts, cf_rationales, rows whose content was not found)``. Draws are seeded by the
+        rollout's texts and the step, never by its position in the batch."""
         if not self.hardened:
-            return [], []
+            return [], [], set()
         k = self.num_counterfactuals
+        not_found: set[int] = set()
         if given_prompts is None:
-            given_prompts = draw_counterfactuals(prompts, self.counterfactual, k, f"{self.seed}:{step}:prompt")
+            spans = [_content_span(p, c) for p, c in zip(prompts, contents)]
+            not_found = {i for i, (c, span) in enumerate(zip(contents, spans)) if c is not None and span is None}
+            bodies = [p if span is None else p[span[0] : span[1]] for p, span in zip(prompts, spans)]
+            keys = [draw_seed(self.seed, step, "prompt", p, x, y) for p, x, y in zip(prompts, rationales, answers)]
+            drawn = draw_counterfactuals(bodies, self.counterfactual, k, keys=keys)
+            given_prompts = [
+                row if span is None else [p[: span[0]] + text + p[span[1] :] for text in row]
+                for p, span, row in zip(prompts, spans, drawn)
+            ]
         if given_rationales is None:
-            given_rationales = draw_counterfactuals(
-                rationales, self.counterfactual, k, f"{self.seed}:{step}:rationale"
-            )
-        for name, given in (("counterfactual_prompts", given_prompts), ("counterfactual_rationales", given_rationales)):
-            if len(given) != len(prompts):
-                raise ValueError(f"{name} needs one list per rollout: got {len(given)} for {len(prompts)} rollouts")
-            if len({len(texts) for texts in given}) > 1:
-                raise ValueError(f"{name} must hold the same number of texts for every rollout")
-        return [list(t) for t in given_prompts], [list(t) for t in given_rationales]
+            keys = [draw_seed(self.seed, step, "rationale", p, x, y) for p, x, y in zip(prompts, rationales, answers)]
+            given_rationales = draw_counterfactuals(rationales, self.counterfactual, k, keys=keys)
+        return [list(t) for t in given_prompts], [list(t) for t in given_rationales], not_found
 
-    def _sequences(self, tokenizer, prompts, rationales, answers, cf_prompts, cf_rationales) -> list[_Sequence]:
+    def _sequences(self, tokenizer, prompts, rationales, answers, cf_prompts, cf_rationales, limit=None, rows=None):
+        """The ``1 + 2K`` sequences of every rollout, each cut to fit ``limit`` positions where needed
+        (flagged ``truncated``). ``rows[i]``: the caller's row of rollout i, for error messages."""
         texts = list(prompts) + list(rationales) + list(answers)
         texts += [t for row in cf_prompts for t in row] + [t for row in cf_rationales for t in row]
         unique = list(dict.fromkeys(texts))
@@ -220,51 +344,98 @@ class CoherenceScorer:
             return ids_y if self.max_answer_tokens is None else ids_y[: self.max_answer_tokens]
 
         out = []
+
+        def add(i, kind, k, zi, xi, yi):
+            cut = limit is not None and len(zi) + len(xi) + len(yi) + 2 > limit
+            if cut:
+                if self.context_overflow == "error":
+                    row = i if rows is None else rows[i]
+                    raise ValueError(
+                        f"coherence scorer: rollout {row} needs {len(zi) + len(xi) + len(yi) + 2} positions "
+                        f"([Z] <eos> [X] <eos> [Y], counterfactual {kind}:{k}) but the model has {limit}; set "
+                        "max_prompt_tokens, max_rationale_tokens or max_answer_tokens, or "
+                        "context_overflow='truncate'"
+                    )
+                zi, xi, yi = _fit(zi, xi, yi, limit)
+            out.append(_Sequence(i, kind, k, zi, xi, yi, cut))
+
         for i in range(len(prompts)):
             zi, xi, yi = z(prompts[i]), x(rationales[i]), y(answers[i])
-            out.append(_Sequence(i, _BASE, 0, zi, xi, yi))
+            add(i, _BASE, 0, zi, xi, yi)
             for k, text in enumerate(cf_prompts[i] if cf_prompts else []):
-                out.append(_Sequence(i, _PROMPT_CF, k, z(text), xi, yi))
+                add(i, _PROMPT_CF, k, z(text), xi, yi)
             for k, text in enumerate(cf_rationales[i] if cf_rationales else []):
-                out.append(_Sequence(i, _RATIONALE_CF, k, zi, x(text), yi))
+                add(i, _RATIONALE_CF, k, zi, x(text), yi)
         return out
 
     # ------------------------------------------------------------------ the gradient pass
 
-    def _run(self, model, sequences, n, eos, pad, n_z_cf, n_x_cf) -> list[dict[str, Tensor]]:
-        # Rollouts are taken longest first, in chunks of at most micro_batch_size rollouts, so that the
-        # gradients kept in flight stay bounded. Within a chunk, the base and shuffled-prompt sequences run
-        # longest first (little padding) with one forward and two VJPs per pass; the shuffled-rationale
-        # sequences need only G_Y at their X~ rows, so they reuse their rollout's cached prompt prefix and
-        # run only the X~ <eos> Y suffix, with a single VJP.
+    def _run(self, model, sequences, n, eos, pad, n_z_cf, n_x_cf):
+        """``(scores per rollout, {rollout: names of its non-finite matrices})``.
+
+        Rollouts are taken longest first, in chunks of at most micro-batch-size rollouts, so that the
+        gradients kept in flight stay bounded. With ``micro_batch_size="auto"`` a chunk that runs out of
+        memory is retried at half the size."""
         by_rollout: list[list[_Sequence]] = [[] for _ in range(n)]
         for seq in sequences:
             by_rollout[seq.rollout].append(seq)
         order = sorted(range(n), key=lambda i: -len(by_rollout[i][0]))
-        weight = model.get_input_embeddings().weight
-        device, d = weight.device, weight.shape[-1]
         results: list[dict[str, Tensor] | None] = [None] * n
-        for chunk_start in range(0, n, self.micro_batch_size):
-            chunk = order[chunk_start : chunk_start + self.micro_batch_size]
-            slices = {i: _Slices() for i in chunk}
-            both = [seq for i in chunk for seq in by_rollout[i] if seq.kind != _RATIONALE_CF]
-            for seq in both:  # no rationale and no answer: nothing to differentiate, every gradient is zero
-                if not seq.x and not seq.y:
-                    zeros = torch.zeros((len(seq), d), dtype=torch.float32, device=device)
-                    self._keep(slices[seq.rollout], seq, zeros, zeros)
-            both = sorted((seq for seq in both if seq.x or seq.y), key=len, reverse=True)
-            for start in range(0, len(both), self.micro_batch_size):
-                batch = both[start : start + self.micro_batch_size]
-                G_X, G_Y = self._gradients(model, batch, eos, pad)
-                for row, seq in enumerate(batch):
-                    self._keep(slices[seq.rollout], seq, G_X[row], G_Y[row])
-            y_only = [seq for i in chunk for seq in by_rollout[i] if seq.kind == _RATIONALE_CF]
-            for seq, rows in zip(y_only, self._rationale_rows(model, y_only, eos, pad)):
-                slices[seq.rollout].xy_cf[seq.k] = rows
-            scores = self._finalize([slices[i] for i in chunk], n_z_cf, n_x_cf)
+        nonfinite: dict[int, list[str]] = {}
+        done = 0
+        while done < n:
+            size = self._auto_size
+            chunk = order[done : done + size]
+            try:
+                scores, bad = self._score_chunk(model, chunk, by_rollout, size, eos, pad, n_z_cf, n_x_cf)
+            except Exception as err:  # noqa: BLE001 - only out-of-memory errors are retried
+                if self.micro_batch_size != "auto" or size == 1 or not _is_out_of_memory(err):
+                    raise
+                self._auto_size = size // 2
+                _free_memory(model)
+                logger.info("coherence scorer: out of memory at micro-batch %d, retrying at %d", size, size // 2)
+                continue
+            nonfinite.update(bad)
             for j, i in enumerate(chunk):
                 results[i] = {key: value[j] for key, value in scores.items()}
-        return results  # type: ignore[return-value]
+            done += len(chunk)
+        return results, nonfinite  # type: ignore[return-value]
+
+    def _score_chunk(self, model, chunk, by_rollout, size, eos, pad, n_z_cf, n_x_cf):
+        """Scores of the rollouts in ``chunk``. The base and shuffled-prompt sequences run longest first
+        (little padding) with one forward and two VJPs per pass; the shuffled-rationale sequences need
+        only G_Y at their X~ rows, so they reuse their rollout's cached prompt prefix and run only the
+        X~ <eos> Y suffix, with a single VJP."""
+        weight = model.get_input_embeddings().weight
+        device, d = weight.device, weight.shape[-1]
+        slices = {i: _Slices() for i in chunk}
+        both = [seq for i in chunk for seq in by_rollout[i] if seq.kind != _RATIONALE_CF]
+        for seq in both:  # no rationale and no answer: nothing to differentiate, every gradient is zero
+            if not seq.x and not seq.y:
+                zeros = torch.zeros((len(seq), d), dtype=torch.float32, device=device)
+                self._keep(slices[seq.rollout], seq, zeros, zeros)
+        both = sorted((seq for seq in both if seq.x or seq.y), key=len, reverse=True)
+        for start in range(0, len(both), size):
+            batch = both[start : start + size]
+            G_X, G_Y = self._gradients(model, batch, eos, pad)
+            for row, seq in enumerate(batch):
+                self._keep(slices[seq.rollout], seq, G_X[row], G_Y[row])
+        y_only = [seq for i in chunk for seq in by_rollout[i] if seq.kind == _RATIONALE_CF]
+        for seq, rows in zip(y_only, self._rationale_rows(model, y_only, eos, pad, size)):
+            slices[seq.rollout].xy_cf[seq.k] = rows
+        bad = {}
+        for i in chunk:
+            names = slices[i].nonfinite()
+            if names:
+                bad[i] = names
+                slices[i].zero()
+        scores = self._finalize([slices[i] for i in chunk], n_z_cf, n_x_cf)
+        if bad:
+            skip = torch.tensor([i in bad for i in chunk], device=scores["zx"].device)
+            for key, value in scores.items():
+                fill = self.floor if key in CHANNELS else 0.0
+                scores[key] = torch.where(skip, torch.full_like(value, fill), value)
+        return scores, bad
 
     def _gradients(self, model, batch: list[_Sequence], eos: int, pad: int) -> tuple[Tensor, Tensor]:
         """``(G_X, G_Y)``, each ``(B, L, d)`` float32: gradients of every row's l_X and l_Y with respect
@@ -313,7 +484,7 @@ class CoherenceScorer:
             return G_X, torch.zeros_like(E, dtype=torch.float32)
         return G_X, torch.autograd.grad(logp[is_y_t].sum(), E)[0].float()
 
-    def _rationale_rows(self, model, seqs: list[_Sequence], eos: int, pad: int) -> list[Tensor]:
+    def _rationale_rows(self, model, seqs: list[_Sequence], eos: int, pad: int, size: int) -> list[Tensor]:
         """``J_XY^(k)`` of each shuffled-rationale sequence: G_Y at its X~ rows, ``(|X~|, d)`` float32.
 
         The prompt prefix ``[Z] <eos>`` is shared by a rollout's K sequences and no scored gradient is
@@ -335,16 +506,17 @@ class CoherenceScorer:
         work.sort(key=lambda j: -(len(seqs[j].x) + len(seqs[j].y)))
         prefixes = {seqs[j].rollout: seqs[j].z + [eos] for j in work}  # one per rollout, in first-seen order
         prefix_of = {rollout: row for row, rollout in enumerate(prefixes)}
-        prefix = _PrefixCache.build(model, list(prefixes.values()), pad)
-        for start in range(0, len(work), self.micro_batch_size):
-            batch = [seqs[j] for j in work[start : start + self.micro_batch_size]]
+        # A checkpointed layer would append the suffix to the cache a second time when it is recomputed.
+        prefix = None if self.activation_checkpointing else _PrefixCache.build(model, list(prefixes.values()), pad)
+        for start in range(0, len(work), size):
+            batch = [seqs[j] for j in work[start : start + size]]
             if prefix is None:
                 _, G_Y = self._gradients(model, batch, eos, pad)
                 offsets = [len(seq.z) + 1 for seq in batch]
             else:
                 G_Y = self._suffix_gradients(model, prefix, [prefix_of[s.rollout] for s in batch], batch, eos, pad)
                 offsets = [0] * len(batch)
-            for row, (j, off) in enumerate(zip(work[start : start + self.micro_batch_size], offsets)):
+            for row, (j, off) in enumerate(zip(work[start : start + size], offsets)):
                 out[j] = G_Y[row, off : off + len(seqs[j].x)].clone()
         return out  # type: ignore[return-value]
 
@@ -358,6 +530,8 @@ class CoherenceScorer:
         # Padding rows of the prefix stay masked; positions continue after each row's own prefix.
         mask = torch.cat([prefix.mask[rows_t], suffix_mask], dim=1)
         position_ids = prefix.lengths[rows_t, None] + torch.arange(ids.shape[1], device=device)
+        # Padding takes position 0: past a short row's end a position could exceed a learned position table.
+        position_ids = position_ids * suffix_mask
         scored = []
         for b, seq in enumerate(batch):
             y_start = len(seq.x) + 1
@@ -421,6 +595,100 @@ class CoherenceScorer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _checked_given(name: str, given, n: int) -> list[list[str]] | None:
+    """Caller-supplied counterfactual texts, checked: one list per rollout, the same K for every one."""
+    if given is None:
+        return None
+    if len(given) != n:
+        raise ValueError(f"{name} needs one list per rollout: got {len(given)} for {n} rollouts")
+    if len({len(texts) for texts in given}) > 1:
+        raise ValueError(f"{name} must hold the same number of texts for every rollout")
+    return [list(texts) for texts in given]
+
+
+def _content_span(prompt: str, content: str | None) -> tuple[int, int] | None:
+    """``(start, end)`` of the last occurrence of ``content`` (stripped) in ``prompt``; None where the
+    content is missing, blank or not in the prompt. Surrounding whitespace is left to the template:
+    shuffles keep whitespace runs in place, so nothing is lost."""
+    if content is None or not content.strip():
+        return None
+    text = content.strip()
+    start = prompt.rfind(text)
+    return None if start < 0 else (start, start + len(text))
+
+
+def _position_limit(model: nn.Module) -> int | None:
+    """The most positions the model takes (``max_position_embeddings``, GPT-2's ``n_positions``), or None."""
+    inner = _unwrap_ddp(model)
+    config = getattr(unwrap(inner), "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _fit(z: list[int], x: list[int], y: list[int], limit: int) -> tuple[list[int], list[int], list[int]]:
+    """Cut ``[Z] <eos> [X] <eos> [Y]`` to ``limit`` positions: the prompt loses its first tokens, then
+    the rationale its first tokens, then the answer its last tokens (the end of a prompt holds the
+    question and the end of a rationale its conclusion)."""
+    excess = len(z) + len(x) + len(y) + 2 - limit
+    cut = min(excess, len(z))
+    z, excess = z[cut:], excess - cut
+    cut = min(excess, len(x))
+    x, excess = x[cut:], excess - cut
+    y = y[: max(len(y) - excess, 0)]
+    return z, x, y
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """True for an accelerator's or the host's allocation failure."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(err, oom):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _free_memory(model: nn.Module) -> None:
+    gc.collect()
+    device = model.get_input_embeddings().weight.device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def _checkpointed_layers(model: nn.Module):
+    """Non-reentrant activation checkpointing of every decoder layer for the duration of the pass.
+
+    transformers checkpoints only in training mode, and the pass runs in eval mode (no dropout), so the
+    layers' ``forward`` is wrapped here instead. The VJPs use ``torch.autograd.grad``, which supports
+    non-reentrant checkpointing (``torch.func`` transforms do not)."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(
+            f"activation_checkpointing: found no decoder layers to checkpoint in {type(model).__name__}; "
+            "set activation_checkpointing false"
+        )
+    patched = []
+    for layer in layers:
+        forward = layer.forward
+
+        def run(*args, _forward=forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = run
+        patched.append(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward  # back to the class's method
 
 
 def _keep_last(ids: list[int], cap: int | None) -> list[int]:

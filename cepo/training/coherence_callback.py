@@ -70,6 +70,8 @@ class CoherenceRewardCallback(L.Callback):
             rationales=rollout.rationales,
             answers=rollout.answers,
             step=int(trainer.global_step),
+            # Shuffled prompts perturb the question, not the chat template or instruction around it.
+            prompt_contents=[getattr(example, "question", None) for example in rollout.examples],
         )
         if self.network == "reference":
             with pl_module.reference_model() as net:
