@@ -7,19 +7,14 @@ else is an *unfaithful right answer*: right for a reason the rationale does not 
 
 from __future__ import annotations
 
-import re
-
-# "= 9", "=12", "= -3.5", "= 1,234" (the last such equation in the text is the conclusion)
-_EQUATION_RESULT = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
+from cepo.coherence.interventional import conclusion_value
 
 
 def rationale_value(rationale: str) -> float | None:
-    """The value the rationale derived last (right-hand side of its last ``=``), or None if none."""
-    matches = _EQUATION_RESULT.findall(rationale)
-    if not matches:
-        return None
-    value = float(matches[-1].replace(",", ""))
-    return int(value) if value.is_integer() else value
+    """The value the rationale derived last (right-hand side of its last ``=``: "= 9", "=12", "= -3.5",
+    "= 1,234"), or None if none. The one definition of a rationale's conclusion is
+    :func:`cepo.coherence.interventional.conclusion_value`, shared with the rationale edits."""
+    return conclusion_value(rationale)
 
 
 def is_faithful(answer_value: float | None, rationale: str) -> bool | None:

@@ -1,0 +1,1 @@
+"""Experiments built on cepo: the reward experiment grid (``python -m cepo.experiments.grid``)."""

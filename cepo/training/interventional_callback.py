@@ -1,0 +1,73 @@
+"""Attaches the interventional coherence channels (beyond the paper) to rollout batches as reward terms."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+
+from cepo.coherence.interventional import InterventionalScorer
+from cepo.rollout import Rollout
+from cepo.training.coherence_callback import NETWORKS
+
+
+class InterventionalRewardCallback(L.Callback):
+    """Adds ``coherence_do`` (S_do: how much the answer's likelihood drops when the rationale's conclusion
+    is edited) and, if the scorer computes it, ``coherence_med`` (S_med: the share of the answer's input
+    gradient on the rationale) as reward terms, fused with the others by the power mean.
+
+    An option next to the paper's ``CoherenceRewardCallback``, not a replacement; both may be configured.
+    The LightningModule calls :meth:`on_rollout_batch` between generation and the update.
+    """
+
+    def __init__(
+        self,
+        scorer: InterventionalScorer | None = None,
+        network: str = "reference",
+        weight_do: float = 0.1,
+        weight_med: float = 0.0,
+        score_during_eval: bool = False,
+    ) -> None:
+        """
+        Args:
+            scorer: The interventional scorer (number and kind of rationale edits, mediation on/off, caps,
+                floor). Default: ``InterventionalScorer()``, K = 2 conclusion edits, mediation on.
+            network: Which network scores: ``"reference"`` (the frozen initial policy) or ``"policy"``.
+            weight_do: Combiner weight of S_do (0 = logged only).
+            weight_med: Combiner weight of S_med (0 = logged only; ignored when the scorer has
+                ``mediation: false``).
+            score_during_eval: Also score validation/test rollouts.
+        """
+        super().__init__()
+        if network not in NETWORKS:
+            raise ValueError(
+                f"InterventionalRewardCallback: network={network!r} is not supported; use 'reference' or 'policy'"
+            )
+        for name, weight in (("weight_do", weight_do), ("weight_med", weight_med)):
+            if not weight >= 0:
+                raise ValueError(f"InterventionalRewardCallback: {name} must be >= 0, got {weight}")
+        self.scorer = scorer if scorer is not None else InterventionalScorer()
+        if weight_med > 0 and not self.scorer.mediation:
+            raise ValueError("InterventionalRewardCallback: weight_med > 0 needs scorer.mediation: true")
+        self.network = network
+        self.weights = {"do": float(weight_do), "med": float(weight_med)}
+        self.score_during_eval = score_during_eval
+
+    def on_rollout_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, rollout: Rollout) -> None:
+        if rollout.stage != "train" and not self.score_during_eval:
+            return
+        start = time.perf_counter()
+        kwargs = dict(tokenizer=pl_module.tokenizer, prompts=rollout.prompts, rationales=rollout.rationales,
+                      answers=rollout.answers, step=int(trainer.global_step))
+        if self.network == "reference":
+            with pl_module.reference_model() as net:
+                result = self.scorer.score(net, **kwargs)
+        else:
+            result = self.scorer.score(pl_module.policy, **kwargs)
+        rollout.add_reward("coherence_do", result.interventional, self.weights["do"])
+        if result.mediation is not None:
+            rollout.add_reward("coherence_med", result.mediation, self.weights["med"])
+        for key, values in result.diagnostics.items():
+            if values.numel():
+                rollout.stats[f"interventional/{key}"] = float(values.float().mean())
+        rollout.stats["time/interventional_s"] = time.perf_counter() - start
