@@ -132,14 +132,14 @@ def _child(argv: list[str]) -> None:
         step_s.append(time.perf_counter() - start)
         return out
 
-    def recorded(self, rollout, stats):
+    def recorded(self, rollout, stats, *args, **kwargs):
         coherence_s.append(float(rollout.stats.get("time/coherence_s", 0.0)))
         for key in PHASES:
             phases.setdefault(key, []).append(float(stats.get(f"time/{key}_s", rollout.stats.get(f"time/{key}_s", 0.0))))
         lengths.append(float(rollout.completion_mask.float().sum(-1).mean()))
         duplicate = rollout.stats.get("coherence/duplicate")
         distinct.append(float("nan") if duplicate is None else 1.0 - float(duplicate))
-        return log_rollout(self, rollout, stats)
+        return log_rollout(self, rollout, stats, *args, **kwargs)
 
     CEPOModule.training_step = timed_step
     CEPOModule.log_rollout = recorded
