@@ -102,10 +102,11 @@ def test_accuracy_only_preset_still_logs_the_channel_scores(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_per_term_advantages_with_a_std_floor_train_on_the_coherence_terms(tmp_path, monkeypatch):
     cli = fit(tmp_path, monkeypatch, "cepo", "--model.init_args.advantage.per_term", "true",
-              "--model.init_args.advantage.min_std", "0.05")
+              "--model.init_args.advantage.min_std", "0.05", "--model.init_args.group_size", "4",
+              "--model.init_args.generation.temperature", "3.0")  # diverse samples: identical texts score alike
     assert cli.model.advantage.per_term and cli.model.advantage.min_std == 0.05
     assert_channel_scores_logged(cli)
     # Per-term advantages are a convex combination of per-term z-scores, and a z-score (unbiased std) is at
-    # most (G - 1) / sqrt(G) = 0.7071 in size for G = 2 (the floor only shrinks it): no advantage exceeds it.
-    assert 0.0 <= logged(cli, "train/advantage_abs_mean") <= 1 / math.sqrt(2) + 1e-6
+    # most (G - 1) / sqrt(G) = 1.5 in size for G = 4 (the floor only shrinks it): no advantage exceeds it.
+    assert 0.0 < logged(cli, "train/advantage_abs_mean") <= 1.5 + 1e-6
     assert lora_moved(cli.model.policy)
