@@ -5,7 +5,6 @@ reference, plus the conclusion edit and the reward callback."""
 import math
 import random
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,22 +131,22 @@ def test_callback_attaches_terms_from_the_chosen_network(char_tokenizer):
     from conftest import make_tiny_llama
 
     policy, reference = make_tiny_llama(len(char_tokenizer), seed=5), make_tiny_llama(len(char_tokenizer), seed=6)
-    module, trainer = FakeModule(policy, reference, char_tokenizer), SimpleNamespace(global_step=3)
+    module = FakeModule(policy, reference, char_tokenizer)
     scorer = InterventionalScorer()
     rollout = make_rollout()
-    InterventionalRewardCallback(scorer, weight_do=0.2, weight_med=0.1).on_rollout_batch(trainer, module, rollout)
+    InterventionalRewardCallback(scorer, weight_do=0.2, weight_med=0.1).score_rollout(module, rollout, 3)
     assert module.entered == 1
     expected = scorer.score(reference, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, step=3)
     assert torch.allclose(rollout.rewards["coherence_do"], expected.interventional)
     assert torch.allclose(rollout.rewards["coherence_med"], expected.mediation)
     assert rollout.reward_weights == {"coherence_do": 0.2, "coherence_med": 0.1}
     on_policy = make_rollout()
-    InterventionalRewardCallback(scorer, network="policy").on_rollout_batch(trainer, module, on_policy)
+    InterventionalRewardCallback(scorer, network="policy").score_rollout(module, on_policy, 3)
     assert module.entered == 1
     assert torch.allclose(on_policy.rewards["coherence_do"],
                           scorer.score(policy, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, step=3).interventional)
     skipped = make_rollout(stage="eval")
-    InterventionalRewardCallback(scorer).on_rollout_batch(trainer, module, skipped)
+    InterventionalRewardCallback(scorer).score_rollout(module, skipped, 3)
     assert skipped.rewards == {}
 
 

@@ -7,17 +7,19 @@ import time
 import lightning as L
 
 from cepo.coherence.interventional import InterventionalScorer
+from cepo.rewards.base import NetworkReward
 from cepo.rollout import Rollout
 from cepo.training.coherence_callback import NETWORKS
 
 
-class InterventionalRewardCallback(L.Callback):
+class InterventionalRewardCallback(L.Callback, NetworkReward):
     """Adds ``coherence_do`` (S_do: how much the answer's likelihood drops when the rationale's conclusion
     is edited) and, if the scorer computes it, ``coherence_med`` (S_med: the share of the answer's input
     gradient on the rationale) as reward terms, fused with the others by the power mean.
 
     An option next to the paper's ``CoherenceRewardCallback``, not a replacement; both may be configured.
-    The LightningModule calls :meth:`on_rollout_batch` between generation and the update.
+    A :class:`~cepo.rewards.base.NetworkReward`: the LightningModule calls :meth:`score_rollout` with the
+    rollout step between generation and the update.
     """
 
     def __init__(
@@ -53,12 +55,13 @@ class InterventionalRewardCallback(L.Callback):
         self.weights = {"do": float(weight_do), "med": float(weight_med)}
         self.score_during_eval = score_during_eval
 
-    def on_rollout_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, rollout: Rollout) -> None:
+    def score_rollout(self, pl_module: L.LightningModule, rollout: Rollout, step: int) -> None:
+        """Score ``rollout`` at rollout step ``step`` (which seeds the edits) and attach the terms."""
         if rollout.stage != "train" and not self.score_during_eval:
             return
         start = time.perf_counter()
         kwargs = dict(tokenizer=pl_module.tokenizer, prompts=rollout.prompts, rationales=rollout.rationales,
-                      answers=rollout.answers, step=int(trainer.global_step))
+                      answers=rollout.answers, step=int(step))
         if self.network == "reference":
             with pl_module.reference_model() as net:
                 result = self.scorer.score(net, **kwargs)
