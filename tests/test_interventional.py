@@ -5,7 +5,6 @@ reference, plus the conclusion edit and the reward callback."""
 import math
 import random
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import pytest
 import torch

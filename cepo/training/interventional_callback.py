@@ -57,7 +57,7 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
         self.score_during_eval = score_during_eval
 
     def score_rollout(self, pl_module: L.LightningModule, rollout: Rollout, step: int) -> None:
-        """Score ``rollout`` at rollout step ``step`` and attach ``coherence_do`` (and ``coherence_med``)."""
+        """Score ``rollout`` at rollout step ``step`` (which seeds the edits) and attach the terms."""
         if rollout.stage != "train" and not self.score_during_eval:
             return
         start = time.perf_counter()
