@@ -171,7 +171,17 @@ def load_policy(config: PolicyConfig) -> tuple[PeftModel, bool]:
             target_modules=config.lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        policy = get_peft_model(base, lora)
+        try:
+            policy = get_peft_model(base, lora)
+        except ValueError as err:
+            if "not found in the base model" not in str(err):
+                raise
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules()
+                             if isinstance(module, nn.Linear) and name != "lm_head"})
+            raise ValueError(
+                f"policy.lora.target_modules={config.lora.target_modules!r} matches no layer of "
+                f"{config.name_or_path!r}; its linear layers are {linear}: name some of them, or use all-linear"
+            ) from err
         has_reference = False
     for name, param in policy.named_parameters():
         param.requires_grad_(".default." in name and "lora_" in name)

@@ -431,7 +431,10 @@ class CEPOModule(LightningModule):
             self.check_batch_arithmetic(datamodule.prompts_per_step)
         weighted = {r.name: self.reward_weights.get(r.name, r.weight) for r in self.reward_functions}
         if sum(weighted.values()) == 0 and not self.network_rewards():
-            raise ValueError("every reward has weight 0 and no reward callback is configured: nothing to optimise")
+            raise ValueError(
+                f"every reward has weight 0 ({weighted}) and no reward callback is configured: nothing to "
+                "optimise; give at least one reward a weight > 0 (its init_args.weight, or model.reward_weights)"
+            )
 
     def check_reward_callbacks(self) -> None:
         """Refuse a callback that looks like a reward but does not declare itself one: it would be skipped
@@ -1028,7 +1031,9 @@ class CEPOModule(LightningModule):
             raise ValueError("this checkpoint was not written by cepo (no 'cepo' section); cannot resume from it")
         if state.get("algorithm") != self.algorithm:
             raise ValueError(
-                f"checkpoint was written by algorithm {state.get('algorithm')!r}, this run is {self.algorithm!r}"
+                f"checkpoint was written by algorithm {state.get('algorithm')!r}, this run is {self.algorithm!r}; "
+                "resume it with the model.class_path of the run that wrote it, or start this run without "
+                "--ckpt_path (policy.adapter_path starts from a trained adapter)"
             )
         self.rollout_step = int(state["rollout_step"])
         self._optimizer_steps = int(state.get("optimizer_steps", 0))
