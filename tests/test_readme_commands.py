@@ -1,9 +1,17 @@
-"""The README's predict, export and coherence-override commands, run as written (plus size limits) in a
-fresh working directory, in the order a user would type them."""
+"""Every command the README shows is checked. The short ones (predict, export, the coherence override, the
+help pages, validate / test / resume on a checkpoint) are run as written, with size limits appended (SMALL,
+SMALL_FIT), in a fresh working directory, in the order a user would type them. The long-running ones (full
+training runs, hub models, GPU runs, benchmarks, the experiment grid) are parsed: a ``cepo`` line with
+``--print_config`` appended must exit 0, which checks every option and config file it names; a script's
+argument parser must accept the line's options. A README command in neither list fails the test."""
 
+import argparse
 import io
 import json
+import re
+import runpy
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,10 +35,142 @@ OVERRIDE = ("cepo fit --config configs/quickstart.yaml --config configs/rewards/
             "--trainer.callbacks.scorer.num_counterfactuals 2 --trainer.callbacks.network policy "
             "--trainer.callbacks.weight_zx 0.2 --trainer.callbacks.weight_xy 0.1 --trainer.callbacks.weight_zy 0.05")
 CALLBACK_HELP = "cepo fit --trainer.callbacks.help CoherenceRewardCallback"
+FIT_HELP = "cepo fit --help"
+MODEL_HELP = "cepo fit --model.help GRPO"
+PRINT_CONFIG = "cepo fit --config configs/quickstart.yaml --print_config"
+VALIDATE = f"cepo validate --config configs/quickstart.yaml --ckpt_path {CKPT}"
+TEST = f"cepo test --config configs/quickstart.yaml --ckpt_path {CKPT}"
+RESUME = f"cepo fit --config configs/quickstart.yaml --ckpt_path {CKPT} --trainer.max_steps 120"
 SMALL = ["--data.prompts_per_step", "4", "--data.eval_batch_size", "8", "--model.init_args.group_size", "4",
          "--model.init_args.micro_batch_size", "8", "--trainer.limit_val_batches", "1",
-         "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar", "false"]
+         "--trainer.limit_test_batches", "1", "--trainer.limit_predict_batches", "1",
+         "--trainer.enable_progress_bar", "false"]
 SMALL_FIT = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
+
+# Run by the tests below (the stdin example: its `cepo predict` part, fed the printf line).
+RUN = [FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN.split(" | ")[1], OVERRIDE, CALLBACK_HELP,
+       FIT_HELP, MODEL_HELP, PRINT_CONFIG, VALIDATE, TEST, RESUME]
+# Too long for the suite, or needing the hub or a GPU: parsed only.
+PARSED = [
+    "cepo fit --config configs/quickstart.yaml",
+    "cepo fit --config configs/quickstart.yaml --config configs/rewards/cepo.yaml",
+    "cepo fit --config configs/quickstart.yaml --config configs/algorithms/ppo.yaml",
+    "cepo fit --config configs/quickstart.yaml --config configs/algorithms/ppo.yaml --config configs/rewards/cepo.yaml",
+    "cepo fit --config configs/quickstart.yaml --trainer.max_steps 200",
+    "cepo fit --config configs/quickstart.yaml --model.init_args.policy.name_or_path Qwen/Qwen2.5-0.5B-Instruct "
+    "--model.init_args.policy.lora.r 16 --model.init_args.policy.lora.target_modules '[q_proj,v_proj]' "
+    "--model.init_args.prompt.use_chat_template true --trainer.precision bf16-mixed --trainer.accelerator gpu "
+    "--trainer.devices 2 --trainer.strategy ddp",
+    "cepo fit --config configs/quickstart.yaml --config configs/experiments/cepo_interventional.yaml",
+    "cepo fit --config configs/quickstart.yaml --config configs/rewards/cepo.yaml --model.init_args.advantage.min_std 0.1",
+    f"cepo test --config configs/quickstart.yaml --config configs/eval/paper_eval.yaml --ckpt_path {CKPT}",
+    "cepo validate --config configs/quickstart.yaml --config configs/eval/gsm8k.yaml --ckpt_path <ckpt>",
+    "cepo validate --config configs/quickstart.yaml",
+    "cepo validate --config configs/quickstart.yaml --config configs/eval/shortcut_stress.yaml",
+    "cepo validate --config configs/quickstart.yaml --config configs/rewards/cepo.yaml --config configs/eval/diagnostics.yaml",
+    "cepo validate --config configs/quickstart.yaml --config configs/rewards/cepo.yaml "
+    "--config configs/experiments/reward_diagnostics.yaml",
+    "python -m cepo.assets.build_tiny_model",
+    "python -m cepo.experiments.grid",
+    "python -m cepo.experiments.grid --arms accuracy_only,cepo --seeds 0",
+    "python benchmarks/coherence_speed.py --rollouts 16 --k 4 --repeats 5 --threads 2",
+    "python benchmarks/cepo_overhead.py --threads 1 --rounds 3 --steps 8",
+    "python benchmarks/cepo_overhead.py --error-only",
+    "python benchmarks/scaling.py --threads 1 --rounds 1 --steps 1 --warmup 1",
+    "python benchmarks/scaling.py --memory-only",
+    "python benchmarks/trl_compare.py --steps 6 --rounds 2",
+    "python benchmarks/logprob_memory.py --tokens 256 --repeats 2",
+    "python benchmarks/gpu_step.py",
+]
+COMMAND = re.compile(r"(?:cepo [a-z]|python -m cepo(?:\.[\w.]+)?(?: |$)|python benchmarks/).*")
+
+
+def normalise(command: str) -> str:
+    return " ".join(command.split())
+
+
+def readme_commands(readme: str = README) -> set[str]:
+    """The commands in the README: every ``cepo`` / ``python -m cepo...`` / ``python benchmarks/...`` part of a
+    line in a ```bash block (continuations joined, comments dropped, split at ``&&`` and ``|``), and every
+    inline `code` span that is such a command with options (or a script), except ``...`` placeholders and
+    bare subcommand names in the prose (`cepo fit`)."""
+    found = set()
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#\s.*$", "", line)
+            for part in re.split(r"\s(?:&&|\|)\s", line):
+                if COMMAND.fullmatch(part.strip()):
+                    found.add(normalise(part))
+    for span in re.findall(r"`([^`\n]+)`", readme):
+        if COMMAND.fullmatch(span) and "..." not in span and (not span.startswith("cepo ") or " --" in span):
+            found.add(normalise(span))
+    return found
+
+
+def test_every_readme_command_is_run_or_parsed():
+    checked = {normalise(c) for c in RUN + PARSED}
+    commands = readme_commands()
+    assert not commands - checked, f"README commands neither run nor parsed by a test: {sorted(commands - checked)}"
+    assert not checked - commands, f"listed here but no longer in the README: {sorted(checked - commands)}"
+    assert len(RUN) + len(PARSED) == len(checked)  # each command in one list only
+
+
+def test_readme_commands_are_found_in_blocks_and_spans():
+    text = ("```bash\npip install x && cepo fit --config a.yaml \\\n  --trainer.max_steps 2   # comment\n"
+            "printf 'x' | cepo predict --c b\n```\nrun `python benchmarks/x.py --k 2`, see `cepo fit` and `cepo ...`")
+    assert readme_commands(text) == {"cepo fit --config a.yaml --trainer.max_steps 2", "cepo predict --c b",
+                                     "python benchmarks/x.py --k 2"}
+
+
+class Parsed(Exception):
+    """Raised in place of running a script once its argument parser accepted the command line."""
+
+
+def parse_only(command: str, monkeypatch) -> None:
+    """``cepo`` lines: --print_config must exit 0; scripts: their argparse parser must accept the options."""
+    words = shlex.split(command)
+    if words[0] == "cepo":
+        with pytest.raises(SystemExit) as exit_info:
+            main([*words[1:], "--print_config"])
+        assert exit_info.value.code in (0, None), command
+        return
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(parse_args(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(Parsed):
+        if words[1] == "-m":
+            monkeypatch.setattr(sys, "argv", [words[2], *words[3:]])
+            runpy.run_module(words[2], run_name="__main__", alter_sys=True)
+        else:
+            monkeypatch.setattr(sys, "argv", [words[1], *words[2:]])
+            runpy.run_path(str(ROOT / words[1]), run_name="__main__")
+
+
+def test_long_readme_commands_parse(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    for command in PARSED:
+        parse_only(command, monkeypatch)
+        capsys.readouterr()
+    # The check bites: an option that does not exist fails both kinds.
+    with pytest.raises(AssertionError, match="no_such_option"):
+        parse_only("cepo fit --config configs/quickstart.yaml --model.init_args.no_such_option 1", monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_only("python benchmarks/scaling.py --no-such-option", monkeypatch)
+    assert exit_info.value.code == 2
+
+
+def test_readme_help_and_print_config_commands(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for command, expected in ((FIT_HELP, "--trainer.max_steps"), (MODEL_HELP, "--model.group_size"),
+                              (PRINT_CONFIG, "name_or_path: embedded:tiny-shortcut-llama")):
+        with pytest.raises(SystemExit) as exit_info:
+            run(command)
+        assert exit_info.value.code in (0, None), command
+        assert expected in capsys.readouterr().out, command
 
 
 def run(command: str, *extra: str):
@@ -42,6 +182,8 @@ def run(command: str, *extra: str):
 def test_the_commands_are_the_readmes():
     for command in (FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN, OVERRIDE, CALLBACK_HELP):
         assert command in README, command
+    for command in (FIT_HELP, MODEL_HELP, PRINT_CONFIG, VALIDATE, TEST, RESUME):
+        assert command in readme_commands(), command
 
 
 def test_readme_callback_help_lists_the_overridden_options(capsys):
@@ -84,6 +226,13 @@ def test_readme_predict_and_export_commands(tmp_path, monkeypatch, capsys):
     # The adapter written at the end of fit holds last.ckpt's weights: the same greedy answer as from the file
     # (both questions have the same length, so batching adds no padding).
     assert answer["completion"] == answers[0]["completion"] and answer["correct"] == answers[0]["correct"]
+
+    validated = run(VALIDATE, *SMALL)
+    assert "val/in_distribution/accuracy" in validated.trainer.callback_metrics
+    tested = run(TEST, *SMALL)
+    assert "test/in_distribution/accuracy" in tested.trainer.callback_metrics
+    resumed = run(RESUME, *SMALL, "--trainer.max_steps", "3")  # resume from step 2 for one more step
+    assert resumed.trainer.global_step == 3 and resumed.model.rollout_step == 3
 
 
 @pytest.mark.slow
