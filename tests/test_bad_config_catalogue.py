@@ -79,7 +79,20 @@ CASES = [
      r"policy\.name_or_path='\./no/such/model': no such folder", r"existing local folder or a hub id"),
     ("LoRA targets match nothing", [f"{M}policy.lora.target_modules", "[no_such_proj]"], ValueError,
      r"policy\.lora\.target_modules=\['no_such_proj'\] matches no layer", r"'q_proj'.* or use all-linear"),
-    ("scheduler without max_steps", [f"{M}optim.scheduler", "cosine", "--trainer.max_steps", "-1"], ValueError,
+    ("reward weight for a term no reward produces", [f"{M}reward_weights", "{accuracy: 1, coherence: 1}"],
+     ValueError, r"model\.reward_weights names 'coherence', but no reward produces that term",
+     r"the terms are \['accuracy'\]"),
+    ("gae without a critic", [f"{M}advantage.estimator", "gae"], ValueError,
+     r"model\.advantage\.estimator='gae' needs a critic", r"set model\.critic .* or choose the grpo"),
+    ("min_std with a non-grpo estimator", ["--config", "configs/algorithms/rloo.yaml", f"{M}advantage.min_std", "0.1"],
+     ValueError, r"model\.advantage\.min_std and model\.advantage\.per_term apply to the grpo estimator only",
+     r"advantage\.estimator is 'rloo'"),
+    ("adaptive KL from coefficient 0", [f"{M}kl.coef", "0", f"{M}kl.target", "0.05"], ValueError,
+     r"model\.kl\.target needs model\.kl\.coef > 0", r"would stay 0 forever"),
+    ("adapter folder missing", [f"{M}policy.adapter_path", "./no/such/adapter"], FileNotFoundError,
+     r"policy\.adapter_path='\./no/such/adapter' holds no adapter_config\.json",
+     r"folder written by PeftModel\.save_pretrained"),
+    ("max_steps unset (cosine schedule)", [f"{M}optim.scheduler", "cosine", "--trainer.max_steps", "-1"], ValueError,
      r"trainer\.max_steps must be set", r"--trainer\.max_steps 200"),
     ("negative coherence weight", [*CEPO, "--trainer.callbacks.weight_zx", "-0.1"], ValueError,
      r"weight_zx must be >= 0, got -0\.1", r">= 0"),
@@ -120,3 +133,21 @@ def test_every_case_is_distinct():
     assert len(set(names)) == len(names)
     overlays = [tuple(case[1]) for case in CASES if not callable(case[1])]
     assert len(set(overlays)) == len(overlays)
+
+
+def test_schedule_without_max_steps_through_the_python_api():
+    """The CLI refuses a missing trainer.max_steps first (row above); a ``Trainer`` built in Python reaches the
+    module's own check, which names the schedule and the option it needs."""
+    from lightning import Trainer
+
+    from cepo import GRPO
+    from cepo.policy.loading import PolicyConfig
+    from cepo.training.module import OptimConfig
+
+    module = GRPO(policy=PolicyConfig(name_or_path="embedded:tiny-shortcut-llama"), optim=OptimConfig(scheduler="cosine"))
+    module.configure_model()
+    module.trainer = Trainer(max_steps=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"model\.optim\.scheduler='cosine' needs trainer\.max_steps"):
+        module.configure_optimizers()
+    module.optim.scheduler = "constant"  # the same module without a schedule to reach 0 is accepted
+    assert module.configure_optimizers()["optimizer"].param_groups[0]["lr"] == module.optim.lr
