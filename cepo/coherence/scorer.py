@@ -11,6 +11,8 @@ sections 3 and 4, gives the formulas.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import gc
 import inspect
 import logging
@@ -131,7 +133,7 @@ class CoherenceScorer:
         floor: float = 0.005,
         hardened: bool = True,
         seed: int = 0,
-        context_overflow: str = "truncate",
+        context_overflow: Literal["truncate", "error"] = "truncate",
         activation_checkpointing: bool = False,
     ) -> None:
         """

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cepo.data.example import Example
 from cepo.data.sources import DatasetSource
@@ -29,7 +29,7 @@ class PromptFile(DatasetSource):
         path: str = STDIN,
         question_field: str = "question",
         answer_field: str = "answer",
-        answer_kind: str = "auto",
+        answer_kind: Literal["auto", "number", "math", "yes_no", "choice", "text"] = "auto",
         limit: int | None = None,
         name: str | None = None,
     ) -> None:

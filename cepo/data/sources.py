@@ -48,7 +48,7 @@ class ShortcutTask(DatasetSource):
 
     def __init__(
         self,
-        split: str = "train",
+        split: Literal["train", "in_distribution", "flipped", "edited"] = "train",
         size: int = 2000,
         seed: int = 0,
         cue_rate: float = 0.9,
@@ -160,7 +160,7 @@ class PaperMix(DatasetSource):
     def __init__(
         self,
         root: str,
-        part: str = "train",
+        part: Literal["train", "val"] = "train",
         per_source: int = 200,
         val_fraction: float = 0.2,
         seed: int = 42,

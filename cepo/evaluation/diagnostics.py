@@ -30,6 +30,8 @@ and appends one JSON line per (pair set, network, channel) to ``<log_dir>/<stage
 
 from __future__ import annotations
 
+from typing import Literal
+
 import json
 import random
 import re
@@ -244,11 +246,11 @@ class RewardDiagnostics(L.Callback):
 
     def __init__(
         self,
-        networks: list[str] | None = None,
-        kinds: list[str] | None = None,
+        networks: list[Literal["reference", "policy"]] | None = None,
+        kinds: list[Literal["cue", "edited_rationale", "opposite_wording"]] | None = None,
         max_pairs: int = 64,
         interventional: bool = True,
-        during_fit: str = "all",
+        during_fit: Literal["all", "last", "none"] = "all",
         seed: int = 0,
     ) -> None:
         """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +45,7 @@ class PolicyConfig:
     """Start from an existing LoRA adapter (a PEFT folder). Its frozen copy becomes the reference model."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA settings for a new adapter (ignored when ``adapter_path`` is set)."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     """Storage dtype of the base weights: ``float32``, ``bfloat16``, ``float16`` or ``auto``. Keep float32
     with ``*-mixed`` precision; use bfloat16 with ``bf16-true``."""
     gradient_checkpointing: bool = False
