@@ -11,26 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from cepo.cli import main
 from cepo.policy.loading import resolve_model_path
+from helpers.runs import small_run_args
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-
-
-def small_run_args(tmp_path, *extra):
-    return [
-        "--config", QUICKSTART,
-        "--trainer.max_steps", "2",
-        "--trainer.val_check_interval", "2",
-        "--trainer.limit_val_batches", "1",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--data.prompts_per_step", "4",
-        "--data.eval_batch_size", "8",
-        "--model.init_args.group_size", "4",
-        "--model.init_args.micro_batch_size", "8",
-        "--model.init_args.optim.lr", "0.01",
-        *extra,
-    ]
 
 
 def base_weights() -> dict[str, torch.Tensor]:

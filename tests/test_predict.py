@@ -12,28 +12,9 @@ from cepo.answers.matching import answers_match
 from cepo.cli import main
 from cepo.coherence.scorer import CoherenceScorer
 from cepo.data.prompt_file import PromptFile
+from helpers.runs import small_run_args
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 SPLITS = ("in_distribution", "flipped", "edited")
-
-
-def run_args(tmp_path, *extra):
-    return [
-        "--config", QUICKSTART,
-        "--trainer.max_steps", "2",
-        "--trainer.val_check_interval", "2",
-        "--trainer.limit_val_batches", "1",
-        "--trainer.limit_predict_batches", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--data.prompts_per_step", "4",
-        "--data.eval_batch_size", "8",
-        "--model.init_args.group_size", "4",
-        "--model.init_args.micro_batch_size", "8",
-        "--model.init_args.optim.lr", "0.01",
-        *extra,
-    ]
 
 
 def read_jsonl(path) -> list[dict]:
@@ -44,7 +25,7 @@ def read_jsonl(path) -> list[dict]:
 def trained(tmp_path_factory):
     """A two-step GRPO run on the embedded task and model: its log folder."""
     tmp = tmp_path_factory.mktemp("predict_run")
-    cli = main(["fit", *run_args(tmp)])
+    cli = main(["fit", *small_run_args(tmp)])
     return Path(cli.trainer.log_dir), tmp
 
 
@@ -53,7 +34,7 @@ def test_greedy_predictions_are_what_validation_scores(trained):
     log_dir, tmp = trained
     ckpt = str(log_dir / "checkpoints" / "last.ckpt")
     out = tmp / "val_predictions.jsonl"
-    main(["predict", *run_args(tmp), "--ckpt_path", ckpt, "--prediction.output", str(out)])
+    main(["predict", *small_run_args(tmp), "--ckpt_path", ckpt, "--prediction.output", str(out)])
     records = read_jsonl(out)
     assert [r["dataset"] for r in records] == [s for s in SPLITS for _ in range(8)]
     parser = AnswerParser(resolve_markers("answer", ["answer", "finalanswer", "boxed", "gsm8k"]))
@@ -63,13 +44,13 @@ def test_greedy_predictions_are_what_validation_scores(trained):
         assert r["correct"] == answers_match(r["answer"], tuple(r["gold"]), "number")
         assert r["prompt"] == r["question"]  # the quickstart's raw template
     # The accuracy `cepo validate` reports for this checkpoint is the mean of the written verdicts.
-    validate = main(["validate", *run_args(tmp), "--ckpt_path", ckpt])
+    validate = main(["validate", *small_run_args(tmp), "--ckpt_path", ckpt])
     for split in SPLITS:
         correct = [r["correct"] for r in records if r["dataset"] == split]
         assert float(validate.trainer.callback_metrics[f"val/{split}/accuracy"]) == pytest.approx(sum(correct) / len(correct))
     # The adapter folder written at the end of fit holds the same weights as last.ckpt: same answers.
     from_adapter = tmp / "adapter_predictions.jsonl"
-    main(["predict", *run_args(tmp), "--model.init_args.policy.adapter_path", str(log_dir / "adapter"),
+    main(["predict", *small_run_args(tmp), "--model.init_args.policy.adapter_path", str(log_dir / "adapter"),
           "--prediction.output", str(from_adapter)])
     assert [r["completion"] for r in read_jsonl(from_adapter)] == [r["completion"] for r in records]
 
@@ -82,7 +63,7 @@ def test_predict_from_a_file_with_and_without_gold_and_coherence(trained, tmp_pa
             {"question": "Q: 1+8-2 hint: 3", "answer": "7"}]
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
-    cli = main(["predict", *run_args(tmp_path), "--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt"),
+    cli = main(["predict", *small_run_args(tmp_path), "--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt"),
                 "--data.predict+=cepo.PromptFile", "--data.predict.path", str(questions),
                 "--prediction.output", str(out), "--prediction.coherence", "true"])
     records = read_jsonl(out)
@@ -136,7 +117,7 @@ def test_sampled_predictions_follow_the_evaluation_sampling_options(tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"question": "Q: 7+5-3 hint: 9\\n", "answer": "9"}\n{"question": "Q: 2+6-1 hint: 7\\n"}\n')
     out = tmp_path / "sampled.jsonl"
-    base = [*run_args(tmp_path), "--data.predict+=cepo.PromptFile", "--data.predict.path", str(questions),
+    base = [*small_run_args(tmp_path), "--data.predict+=cepo.PromptFile", "--data.predict.path", str(questions),
             "--prediction.output", str(out), "--model.init_args.eval_num_samples", "8"]
     main(["predict", *base, "--model.init_args.generation.eval_temperature", "1.5"])
     records = read_jsonl(out)

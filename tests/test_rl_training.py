@@ -19,29 +19,14 @@ from cepo.policy.forward import unwrap
 from cepo.policy.loading import resolve_model_path
 from cepo.rewards.base import NetworkReward, check_reward_values
 from cepo.rollout import Rollout
+from helpers import runs
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-ALGORITHMS = ROOT / "configs" / "algorithms"
+ALGORITHMS = runs.ROOT / "configs" / "algorithms"
 
 
 def small_run_args(tmp_path, *extra, overlay: str | None = None):
-    return [
-        "--config", QUICKSTART, *(("--config", str(ALGORITHMS / f"{overlay}.yaml")) if overlay else ()),
-        "--trainer.max_steps", "2",
-        "--trainer.val_check_interval", "2",
-        "--trainer.limit_val_batches", "1",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--data.prompts_per_step", "4",
-        "--data.eval_batch_size", "8",
-        "--model.init_args.group_size", "4",
-        "--model.init_args.micro_batch_size", "8",
-        "--model.init_args.generation.max_new_tokens", "24",
-        "--model.init_args.optim.lr", "0.01",
-        *extra,
-    ]
+    configs = (str(ALGORITHMS / f"{overlay}.yaml"),) if overlay else ()
+    return runs.small_run_args(tmp_path, "--model.init_args.generation.max_new_tokens", "24", *extra, configs=configs)
 
 
 @pytest.fixture()

@@ -1,0 +1,31 @@
+"""Command lines for small end-to-end runs of the quickstart config, shared by the CLI tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def small_run_args(tmp_path: Path, *extra: str, configs: tuple[str, ...] = ()) -> list[str]:
+    """The quickstart, then ``configs`` (overlays), shrunk to 2 rollouts of 4 prompts x 4 samples with one
+    validation batch at step 2, logging every step into ``tmp_path/runs``; ``extra`` options come last
+    and so override any of these."""
+    overlays = [arg for config in configs for arg in ("--config", str(config))]
+    return [
+        "--config", QUICKSTART, *overlays,
+        "--trainer.max_steps", "2",
+        "--trainer.val_check_interval", "2",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.limit_predict_batches", "1",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--data.prompts_per_step", "4",
+        "--data.eval_batch_size", "8",
+        "--model.init_args.group_size", "4",
+        "--model.init_args.micro_batch_size", "8",
+        "--model.init_args.optim.lr", "0.01",
+        *extra,
+    ]
