@@ -73,6 +73,7 @@ PARSED = [
     "python -m cepo.assets.build_tiny_model",
     "python -m cepo.experiments.grid",
     "python -m cepo.experiments.grid --arms accuracy_only,cepo --seeds 0",
+    "python -m cepo.experiments.grid --jobs 2",
     "python benchmarks/coherence_speed.py --rollouts 16 --k 4 --repeats 5 --threads 2",
     "python benchmarks/cepo_overhead.py --threads 1 --rounds 3 --steps 8",
     "python benchmarks/cepo_overhead.py --error-only",
@@ -81,6 +82,7 @@ PARSED = [
     "python benchmarks/trl_compare.py --steps 6 --rounds 2",
     "python benchmarks/logprob_memory.py --tokens 256 --repeats 2",
     "python benchmarks/gpu_step.py",
+    "python benchmarks/plot_grid.py --results runs/grid/results.json --out runs/grid/tradeoff.png",
 ]
 COMMAND = re.compile(r"(?:cepo [a-z]|python -m cepo(?:\.[\w.]+)?(?: |$)|python benchmarks/).*")
 
