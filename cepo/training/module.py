@@ -155,8 +155,8 @@ class KLConfig:
     """The KL divergence to the frozen reference policy (:mod:`cepo.rl.kl`)."""
 
     coef: float = 0.001
-    """KL coefficient (initial value when ``target`` is set); CE-PO authors: 0.001. 0 with no ``target``
-    skips the reference forward pass."""
+    """KL coefficient (initial value when ``target`` is set); the default is the CE-PO authors' value. 0
+    with no ``target`` skips the reference forward pass."""
     placement: Literal["loss", "reward"] = "loss"
     """``loss``: a per-token KL term added to the policy loss (GRPO). ``reward``: a per-token penalty
     ``-coef * KL`` in the rewards, before the advantages (Ziegler et al. 2019; PPO, REINFORCE++)."""
@@ -1106,14 +1106,14 @@ class GRPO(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="grpo"),
-        kl: KLConfig = KLConfig(coef=0.001, placement="loss"),
+        kl: KLConfig = KLConfig(placement="loss"),
         critic: CriticConfig | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             advantage: ``estimator: grpo`` with its ``scale``, ``min_std`` and ``per_term`` options.
-            kl: k3 KL loss term with coefficient 0.001 (the CE-PO authors' setting).
+            kl: k3 KL loss term at the default ``KLConfig.coef`` (the CE-PO authors' setting).
             critic: None: GRPO needs no value model.
             **kwargs: Every other option of :class:`CEPOModule` (policy, generation, rewards, loss, ...).
         """
@@ -1130,14 +1130,14 @@ class RLOO(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="rloo"),
-        kl: KLConfig = KLConfig(coef=0.001, placement="loss"),
+        kl: KLConfig = KLConfig(placement="loss"),
         critic: CriticConfig | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             advantage: ``estimator: rloo`` (needs ``group_size`` >= 2).
-            kl: k3 KL loss term with coefficient 0.001.
+            kl: k3 KL loss term at the default ``KLConfig.coef``.
             critic: None: RLOO needs no value model.
             **kwargs: Every other option of :class:`CEPOModule`.
         """
@@ -1154,14 +1154,14 @@ class ReinforcePP(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="reinforce_pp"),
-        kl: KLConfig = KLConfig(coef=0.001, placement="reward"),
+        kl: KLConfig = KLConfig(placement="reward"),
         critic: CriticConfig | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             advantage: ``estimator: reinforce_pp`` with discount ``gamma``.
-            kl: k1 penalty in the token rewards with coefficient 0.001.
+            kl: k1 penalty in the token rewards at the default ``KLConfig.coef``.
             critic: None: REINFORCE++ needs no value model.
             **kwargs: Every other option of :class:`CEPOModule`.
         """
@@ -1179,7 +1179,7 @@ class PPO(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="gae", whiten=True),
-        kl: KLConfig = KLConfig(coef=0.001, placement="reward"),
+        kl: KLConfig = KLConfig(placement="reward"),
         critic: CriticConfig | None = CriticConfig(),
         group_size: int = 1,
         num_iterations: int = 2,
@@ -1188,8 +1188,8 @@ class PPO(CEPOModule):
         """
         Args:
             advantage: ``estimator: gae`` (``gamma``, ``lam``; CE-PO authors: 1.0, 1.0), whitened.
-            kl: k1 penalty in the token rewards, coefficient 0.001 (the authors' PPO run); set ``target``
-                for the adaptive controller.
+            kl: k1 penalty in the token rewards at the default ``KLConfig.coef`` (the authors' PPO run); set
+                ``target`` for the adaptive controller.
             critic: The value model: a value head on the policy (``kind: head``) or a separate adapter.
             group_size: Samples per prompt (PPO needs no group; 1 is the usual choice).
             num_iterations: PPO epochs over each rollout (each epoch runs every mini-batch once).
