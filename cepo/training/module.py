@@ -447,6 +447,15 @@ class CEPOModule(LightningModule):
                     "cepo.NetworkReward; subclass cepo.NetworkReward and implement "
                     "score_rollout(module, rollout, step) (the old on_rollout_batch hook is no longer called)"
                 )
+        kinds = [type(reward).__name__ for reward in self.network_rewards()]
+        doubled = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+        if doubled:
+            raise ValueError(
+                f"trainer.callbacks holds {', '.join(doubled)} more than once, so its reward terms would be attached "
+                "twice; each reward preset appends its own (configs/rewards/*.yaml, "
+                "configs/experiments/cepo_policy_network.yaml): use one preset, re-weight terms by name in "
+                "model.reward_weights, and change the callback's options with --trainer.callbacks.<option>"
+            )
 
     def network_rewards(self) -> list[NetworkReward]:
         """The trainer's callbacks that are rewards needing the network (found by type)."""
