@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
 from cepo.answers.matching import normalize_number, normalize_text
 from cepo.answers.parsing import last_boxed
-from cepo.data.example import PROMPT_FAMILIES, Example
+from cepo.records import PROMPT_FAMILIES, Example
 
 ON_ERROR = ("raise", "skip")
 _QUESTION_ALIASES = ("question", "problem", "input")

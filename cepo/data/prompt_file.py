@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from cepo.data.example import Example
+from cepo.records import Example
 from cepo.data.sources import DatasetSource
 
 STDIN = "-"

@@ -14,7 +14,7 @@ from typing import Any
 
 from cepo.answers.parsing import answer_instruction
 from cepo.data.datasets import FAMILY_BY_ADAPTER
-from cepo.data.example import PROMPT_FAMILIES, Example
+from cepo.records import PROMPT_FAMILIES, Example
 
 FAMILIES = PROMPT_FAMILIES
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from cepo.rl.reductions import GlobalSum, local_sum, whiten
-from cepo.rl.registry import Registry
+from cepo.registry import Registry
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 

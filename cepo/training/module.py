@@ -42,7 +42,7 @@ from cepo.policy.generation import GenerationConfig, generate_completions
 from cepo.policy.loading import REFERENCE_ADAPTER, PolicyConfig, load_policy, load_tokenizer
 from cepo.policy.logprobs import batched_logprobs, completion_logprobs, micro_batches
 from cepo.rewards.base import AccuracyReward, NetworkReward, RewardFunction, check_reward_values
-from cepo.rewards.combiner import normalized_weights, power_mean
+from cepo.rewards.combiner import fuse_terms, normalized_weights
 from cepo.rl.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdvantageEstimatorName,
@@ -60,7 +60,7 @@ from cepo.rl.losses import (
     policy_objective,
 )
 from cepo.rl.reductions import masked_mean, masked_sum, whiten
-from cepo.rollout import Rollout
+from cepo.records import Rollout
 from cepo.training.critic import CRITIC_ADAPTER, Critic, CriticConfig
 from cepo.training.predict import PredictionBatch
 
@@ -595,12 +595,7 @@ class CEPOModule(LightningModule):
         """Every reward term fused by the weighted power mean. Returns the fused reward ``(N,)`` and
         stores it as ``rollout.rewards['reward']``."""
         self.attach_reward_terms(rollout)
-        names = list(rollout.rewards)
-        weights = torch.tensor([rollout.reward_weights[n] for n in names])
-        if float(weights.sum()) <= 0:
-            raise ValueError(f"all reward terms {names} have weight 0; give at least one a positive weight")
-        values = torch.stack([rollout.rewards[n] for n in names], dim=1)  # (N, terms)
-        fused = power_mean(values, weights, self.reward_p)
+        fused = fuse_terms(rollout.rewards, rollout.reward_weights, self.reward_p)
         rollout.rewards["reward"] = fused
         return fused
 
