@@ -32,6 +32,12 @@ class Registry(Generic[T]):
 
         return add
 
+    def remove(self, name: str) -> T:
+        """Take the entry ``name`` out again (e.g. a test's temporary registration) and return it."""
+        entry = self[name]  # an unknown name is refused, with the choices
+        del self._entries[name]
+        return entry
+
     def __getitem__(self, name: str) -> T:
         if name not in self._entries:
             raise ValueError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self._entries)}")
