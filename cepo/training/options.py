@@ -186,9 +186,9 @@ class OptionChecks:
         for option in unread_advantage_options(adv, self.estimator.options):
             readers = [name for name in ADVANTAGE_ESTIMATORS if option in ADVANTAGE_ESTIMATORS[name].options]
             raise ValueError(
-                f"model.advantage.{option}={getattr(adv, option)!r} would be ignored: the {adv.estimator!r} "
-                f"estimator does not read advantage.{option} (only {', '.join(readers)} do); leave it at its "
-                f"default {_DEFAULT_ADVANTAGE[option]!r} or choose an estimator that reads it"
+                f"model.advantage.{option}={getattr(adv, option)!r} would be ignored: advantage.estimator="
+                f"{adv.estimator!r} does not read it (read by: {', '.join(readers)}); leave advantage.{option} at "
+                f"its default {_DEFAULT_ADVANTAGE[option]!r} or choose an estimator that reads it"
             )
         if adv.min_std > 0 and adv.scale == "none":
             raise ValueError("model.advantage.min_std floors the std divisor, but advantage.scale is 'none' "
