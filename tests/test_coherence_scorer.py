@@ -295,3 +295,15 @@ def test_callback_rejects_unknown_network_and_negative_weights():
         CoherenceRewardCallback(network="frozen")
     with pytest.raises(ValueError, match="weight_xy"):
         CoherenceRewardCallback(weight_xy=-1.0)
+
+
+def test_k_comes_from_num_counterfactuals_never_from_the_lists(tiny_llama, char_tokenizer):
+    cf_p, cf_x = explicit_counterfactuals(k=2)
+    with pytest.raises(ValueError, match=r"counterfactual_prompts holds lists of \[2\] texts, but the scorer's "
+                                         r"num_counterfactuals is 4; pass 4 texts per rollout"):
+        CoherenceScorer().score(tiny_llama, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, None)
+    with pytest.raises(ValueError, match=r"counterfactual_rationales holds lists of \[1, 2\] texts"):
+        CoherenceScorer(num_counterfactuals=2).score(tiny_llama, char_tokenizer, PROMPTS, RATIONALES, ANSWERS,
+                                                     cf_p, [cf_x[0][:1]] + cf_x[1:])
+    with pytest.raises(ValueError, match=r"unhardened scorer \(hardened=false\) uses none"):
+        CoherenceScorer(hardened=False).score(tiny_llama, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x)

@@ -1,5 +1,5 @@
 """The number a rationale concludes with: the one definition shared by the faithfulness metric, the
-conclusion edit (:class:`cepo.coherence.interventional.ConclusionEdit`) and the reward diagnostics."""
+conclusion edit (:class:`cepo.coherence.counterfactuals.ConclusionEdit`) and the reward diagnostics."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ Pair sets, built from whatever evaluation sources a run has:
   with the value it derives (faithful) and with the cue (copied). Same Z and X, different Y.
 - ``<source>/edited_rationale`` (embedded task, GSM8K, BBEH multi-step arithmetic): the same right answer
   under the rationale that derives it (faithful) and under the same rationale with its concluding number
-  edited (:class:`~cepo.coherence.interventional.ConclusionEdit`): right for a reason the rationale does
+  edited (:class:`~cepo.coherence.counterfactuals.ConclusionEdit`): right for a reason the rationale does
   not give. Same Z and Y, X differs in one number. GSM8K's rationale is its worked solution without the
   calculator annotations and the ``####`` line; BBEH items carry no worked solution, so their rationale is
   the one line ``<expression asked for> = <value>``.
