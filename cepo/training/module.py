@@ -15,6 +15,11 @@ The math is in :mod:`cepo.rl`; the critic is an optional component (:mod:`cepo.t
 RLOO, REINFORCE++ and PPO are the same loop with different defaults (:class:`GRPO`, :class:`RLOO`,
 :class:`ReinforcePP`, :class:`PPO`). Optimisation is manual: a rollout runs several optimiser steps, which
 Lightning's automatic loop cannot express.
+
+Beside the loop, each in its own module and mixed into :class:`CEPOModule`: the options and their checks
+(:mod:`cepo.training.options`), the optimiser, its schedule and accumulation
+(:mod:`cepo.training.optimisation`), the run's logging (:mod:`cepo.training.run_logging`) and the
+checkpoint state (:mod:`cepo.training.module_state`).
 """
 
 from __future__ import annotations
