@@ -14,7 +14,7 @@ from cepo import AccuracyReward, CEPOModule, FunctionReward, PromptDataModule, R
 from cepo.answers.matching import answers_match
 from cepo.cli import CEPOCLI, main
 from cepo.data.example import Example
-from cepo.rollout import Rollout
+from cepo.records import Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"

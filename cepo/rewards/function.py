@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from cepo.rewards.base import RewardFunction, check_reward_values
-from cepo.rollout import Rollout
+from cepo.records import Rollout
 
 # The columns built from the rollout itself; a meta field of the same name is not passed over them.
 ROLLOUT_COLUMNS = ("prompts", "completions", "completion_ids", "question", "gold", "answer_kind", "source", "id",
