@@ -43,11 +43,11 @@ fi
 
 if [[ -n "${CEPO_GPU_DRY_RUN:-}" ]]; then
     # Every step of the real run on the CPU at a tiny shape, in seconds: checks the script, not the GPU.
-    STEP=(--tiny --device cpu --max-probe 2)
+    STEP=(--tiny --device cpu)
     SHAPE=tiny
     FIT=(--trainer.accelerator cpu --trainer.max_steps 1 --model.init_args.generation.max_new_tokens 8
          --model.init_args.group_size 2 --data.prompts_per_step 2)
-    STEP_LIMIT=120 FIT_LIMIT=120
+    STEP_LIMIT=900 FIT_LIMIT=900  # a loaded CPU is slow; the GPU limits are below
 else
     STEP=(--shape 1.5b --time-budget 120)
     SHAPE=1.5b

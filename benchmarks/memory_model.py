@@ -38,7 +38,8 @@ beside its measured peak resident memory; ``--compare FILE`` does the same for a
 ``gpu_step.py --json`` (a GPU run, for instance). Without either, the table of settings that fit.
 
     python benchmarks/memory_model.py                                  # the 24 / 48 / 80 GB table
-    python benchmarks/memory_model.py --measure --threads 2            # one real-shape step on the CPU
+    python benchmarks/memory_model.py --breakdown 1.5B 512             # every term of one row
+    python benchmarks/memory_model.py --measure --threads 1            # one real-shape step on the CPU
 """
 
 from __future__ import annotations
@@ -176,6 +177,14 @@ def phases(shape: Shape, step: Step) -> dict[str, int]:
         t = m * C + math.ceil(m / step.group) * Z
         update = t * L * ar + t * ar + L * casts
     out["update"] = update + 3 * chunk
+    out["coherence"] = sum(coherence_terms(shape, step).values())
+    return out
+
+
+def coherence_terms(shape: Shape, step: Step) -> dict[str, int]:
+    """The coherence pass's bytes above the resident part, term by term (the module docstring)."""
+    L, h, V = shape.layers, shape.hidden, shape.vocab
+    Z, C, Y, K = step.prompt, step.completion, step.answer, step.counterfactuals
     # The scorer runs in the weights' own dtype with autocast off: float32 weights give a float32 pass.
     scorer_mode = "bfloat16" if step.mode == "bfloat16" else "float32"
     s = step.scorer_micro_batch
@@ -183,9 +192,8 @@ def phases(shape: Shape, step: Step) -> dict[str, int]:
     a0s = activation_bytes(shape, scorer_mode)
     eb = act_element_bytes(scorer_mode)
     saved = s * T * (L * h * eb + 2 * a0s) if step.scorer_checkpointing else s * T * (L + 1) * a0s
-    kept = s * (1 + K) * (2 * Z + C - Y) * h * 4
-    out["coherence"] = saved + 3 * s * T * h * 4 + 3 * s * C * V * 4 + kept
-    return out
+    return {"activations": saved, "embedding leaf + 2 gradients": 3 * s * T * h * 4,
+            "logits at scored positions": 3 * s * C * V * 4, "rows kept per rollout": s * (1 + K) * (2 * Z + C - Y) * h * 4}
 
 
 def peak(shape: Shape, step: Step) -> int:
@@ -248,10 +256,18 @@ def fit_table(tokens_list=(512, 1024), cards=CARDS, mode: str = "bf16-mixed") ->
     return lines
 
 
-def phase_table(shape: Shape, step: Step) -> list[str]:
-    lines = ["| phase | GB |", "|---|---|"]
-    for name, value in {**resident(shape, step), **phases(shape, step)}.items():
+def breakdown(label: str, tokens: int) -> list[str]:
+    """Every term of one table row's step at m = 16, s = 16, without checkpointing."""
+    shape, step = shapes()[label], table_step(tokens)
+    lines = [f"{label} at {tokens} tokens (Z = {step.prompt}, C = {step.completion}, Y = {step.answer}), "
+             f"{step.prompts} prompts x G = {step.group}, K = {step.counterfactuals}, m = s = 16, {step.mode}", "",
+             "| part | GB |", "|---|---|"]
+    for name, value in resident(shape, step).items():
+        lines.append(f"| resident: {name} | {value / GIB:.2f} |")
+    for name, value in phases(shape, step).items():
         lines.append(f"| {name} | {value / GIB:.2f} |")
+    for name, value in coherence_terms(shape, step).items():
+        lines.append(f"| coherence: {name} | {value / GIB:.2f} |")
     return lines
 
 
@@ -303,6 +319,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the measured step")
     parser.add_argument("--json", type=Path, help="with --measure: keep the step's report here")
     parser.add_argument("--mode", choices=MODES, default="bf16-mixed", help="the table's precision")
+    parser.add_argument("--breakdown", nargs=2, metavar=("MODEL", "TOKENS"),
+                        help="every term of one table row instead of the table, e.g. 1.5B 512")
     args = parser.parse_args()
     print("command: python benchmarks/memory_model.py", " ".join(sys.argv[1:]))
     if args.measure:
@@ -325,6 +343,9 @@ def main() -> None:
               f"{step.prompts} prompts x G = {step.group}, K = {step.counterfactuals}, "
               f"micro-batch {step.update_micro_batch}")
         print("\n".join(compare(report)))
+        return
+    if args.breakdown:
+        print("\n" + "\n".join(breakdown(args.breakdown[0], int(args.breakdown[1]))))
         return
     print(f"\nSettings that fit ({args.mode} policy passes, float32 scorer; largest power of two up to 16 for "
           f"the update's micro-batch m and up to 256 for scorer.micro_batch_size s; {USABLE:.0%} of the card)\n")

@@ -43,7 +43,7 @@ def test_config_folder_tokenizer_knows_the_task_text(tiny_folder):
     tokenizer = load_tokenizer(PolicyConfig(name_or_path=f"config:{tiny_folder}"))
     ids = tokenizer("Q: 7-7+2 hint: 2 <answer> 12 </answer>", add_special_tokens=False).input_ids
     assert tokenizer.unk_token_id not in ids
-    assert tokenizer.decode(ids) == "Q : 7 - 7 + 2 hint : 2 < answer > 12 </ answer >"  
+    assert tokenizer.decode(ids) == "Q : 7 - 7 + 2 hint : 2 < answer > 12 </ answer >"
     assert len(tokenizer) == gpu_step.TINY["vocab_size"]  # every id the model can sample decodes to a word
     assert tokenizer.decode([gpu_step.TINY["vocab_size"] - 1]) == f"w{gpu_step.TINY['vocab_size'] - 1}"
 
