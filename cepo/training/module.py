@@ -38,8 +38,15 @@ from cepo.answers import AnswerParser, resolve_markers
 from cepo.data.datamodule import PromptBatch
 from cepo.data.prompts import FAMILIES, render_prompt
 from cepo.evaluation.metrics import EvalMetrics, format_table
-from cepo.policy.generation import GenerationConfig, generate_completions
-from cepo.policy.loading import REFERENCE_ADAPTER, PolicyConfig, load_policy, load_tokenizer
+from cepo.policy.generation import (
+    GenerationConfig,
+    check_generation_options,
+    check_position_budget,
+    generate_completions,
+    visible_prompts,
+    warn_prompts_cut,
+)
+from cepo.policy.loading import REFERENCE_ADAPTER, PolicyConfig, check_finite, load_policy, load_tokenizer
 from cepo.policy.logprobs import batched_logprobs, completion_logprobs, micro_batches
 from cepo.rewards.base import AccuracyReward, NetworkReward, RewardFunction, check_reward_values
 from cepo.rewards.combiner import normalized_weights, power_mean
@@ -61,6 +68,7 @@ from cepo.rl.losses import (
 )
 from cepo.rl.reductions import masked_mean, masked_sum, whiten
 from cepo.rollout import Rollout
+from cepo.training.checkpoint_meta import check_policy_record, check_shapes, policy_record
 from cepo.training.critic import CRITIC_ADAPTER, Critic, CriticConfig
 from cepo.training.predict import PredictionBatch
 
@@ -324,16 +332,7 @@ class CEPOModule(LightningModule):
                 f"model.eval_num_samples={self.eval_num_samples} samples identical greedy completions; set "
                 "model.generation.eval_temperature > 0 (e.g. 0.6) or eval_num_samples to 1"
             )
-        if self.generation.max_new_tokens < 1:
-            raise ValueError(
-                f"model.generation.max_new_tokens={self.generation.max_new_tokens}: a completion needs at least "
-                "one token; set it to the longest answer you expect (e.g. 256)"
-            )
-        if self.generation.eval_max_new_tokens is not None and self.generation.eval_max_new_tokens < 1:
-            raise ValueError(
-                f"model.generation.eval_max_new_tokens={self.generation.eval_max_new_tokens} must be >= 1, or "
-                "null to use max_new_tokens"
-            )
+        check_generation_options(self.generation, training=False)
         if self.optim.scheduler not in ("constant", "linear", "cosine"):
             raise ValueError(f"model.optim.scheduler={self.optim.scheduler!r}; choose constant, linear or cosine")
         if not math.isfinite(self.reward_p) and abs(self.reward_p) != math.inf:
@@ -374,12 +373,7 @@ class CEPOModule(LightningModule):
 
     def check_training_options(self) -> None:
         """Options that only matter for training (``fit``), refused before the first rollout."""
-        if not self.generation.temperature > 0:
-            raise ValueError(
-                f"model.generation.temperature={self.generation.temperature}: training samples G completions "
-                "per prompt and scores their log-probs at this temperature, so it must be > 0 (1.0 is "
-                "usual); greedy decoding is for evaluation (model.generation.eval_temperature: 0)"
-            )
+        check_generation_options(self.generation, training=True)
         if self.estimator.group_relative and self.group_size < 2:
             raise ValueError(
                 f"model.group_size={self.group_size} with the group-relative estimator "
@@ -416,6 +410,8 @@ class CEPOModule(LightningModule):
         self.tokenizer = load_tokenizer(self.policy_config)
         self.policy, self.has_reference_adapter = load_policy(self.policy_config)
         self.policy.train()  # from_pretrained returns eval mode; generation switches modes itself
+        fitting = self._trainer is None or self.trainer.state.fn == "fit"
+        check_position_budget(self.policy, self.generation, training=fitting)
         if self.critic_config is not None:
             self.critic = Critic(self.critic_config, self.policy)
             self.critic.add_adapter(self.policy, self.policy_config.lora)
@@ -554,9 +550,10 @@ class CEPOModule(LightningModule):
         completions = self.tokenizer.batch_decode(generated.completion_ids, skip_special_tokens=True)
         parsed = [self.parser(text) for text in completions]
         rows = [ex for ex in batch.examples for _ in range(group)]
+        warn_prompts_cut(generated.prompt_truncated, stage, gen.max_prompt_tokens)
         return Rollout(
             examples=rows,
-            prompts=[p for p in prompts for _ in range(group)],
+            prompts=visible_prompts(self.tokenizer, [p for p in prompts for _ in range(group)], generated),
             completions=completions,
             rationales=[p.rationale for p in parsed],
             answers=[p.answer for p in parsed],
@@ -567,6 +564,7 @@ class CEPOModule(LightningModule):
             completion_ids=generated.completion_ids,
             completion_mask=generated.completion_mask,
             truncated=generated.truncated,
+            prompt_truncated=generated.prompt_truncated,
             stage=stage,
         )
 
@@ -868,6 +866,8 @@ class CEPOModule(LightningModule):
         metrics["completion/length_mean"] = float(lengths.mean())
         metrics["completion/length_max"] = float(lengths.max())
         metrics["completion/truncated"] = float(rollout.truncated.float().mean())
+        if rollout.prompt_truncated is not None:
+            metrics["prompt/truncated"] = float(rollout.prompt_truncated.float().mean())
         metrics["completion/marker_found"] = float(rollout.marker_found.float().mean())
         metrics["lr"] = float(self.lr_schedulers().get_last_lr()[0])
         metrics["optimizer_steps"] = float(self._optimizer_steps)
@@ -1014,6 +1014,7 @@ class CEPOModule(LightningModule):
                 f"checkpoint does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
                 "Resume with the same policy.name_or_path, adapter and LoRA settings as the run that wrote it."
             )
+        check_shapes(state_dict, dict(self.named_parameters()))
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -1023,13 +1024,21 @@ class CEPOModule(LightningModule):
             "algorithm": self.algorithm,
             "rng": _rng_state(),
             "kl_controller": {"kind": self._kl_controller_kind(), **self.kl_controller.state_dict()},
+            "policy": policy_record(self.policy, self.policy_config),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("cepo")
         if state is None:
             raise ValueError("this checkpoint was not written by cepo (no 'cepo' section); cannot resume from it")
-        if state.get("algorithm") != self.algorithm:
+        stage = self.trainer.state.fn if self._trainer is not None else None
+        evaluating = stage in ("validate", "test", "predict")  # the algorithm and data options do not apply
+        check_finite(checkpoint.get("state_dict", {}), "checkpoint",
+                     "the run that wrote it diverged; use an earlier checkpoint of that run")
+        if "policy" in state and self.policy is not None:
+            check_policy_record(state["policy"], policy_record(self.policy, self.policy_config),
+                                resuming=stage == "fit")
+        if not evaluating and state.get("algorithm") != self.algorithm:
             raise ValueError(
                 f"checkpoint was written by algorithm {state.get('algorithm')!r}, this run is {self.algorithm!r}; "
                 "resume it with the model.class_path of the run that wrote it, or start this run without "
