@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
-from cepo.answers.matching import normalize_number, normalize_text
+from cepo.answers.matching import normalize_number, normalize_text, unmatchable_gold
 from cepo.answers.parsing import last_boxed
 from cepo.data.example import PROMPT_FAMILIES, Example
 
@@ -48,9 +48,10 @@ _ANSWER_ALIASES = ("answer", "target")
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _FOLDER_SUFFIXES = (".jsonl", ".json", ".csv")  # <split><suffix> in a plain folder, in this order of preference
 _SKIP_HINT = (
-    'Fix the data, or set on_error="skip" (on_error: skip in a FileDataset config) to drop such rows; '
-    "they are counted as skipped"
+    'Fix the data, or set on_error="skip" (on_error: skip in a FileDataset or PromptFile config) to drop '
+    "such rows; they are counted as skipped"
 )
+SKIP_HINT = _SKIP_HINT
 # Seconds to wait for the hub before a dataset id is declared unreachable (DNS included).
 HUB_PROBE_TIMEOUT_S = 5.0
 
@@ -92,6 +93,9 @@ class LoadedDataset:
 
 class _RowProblem(Exception):
     """Raised inside an adapter for one bad row; turned into ValueError or a skip by :meth:`Adapter.convert`."""
+
+
+RowProblem = _RowProblem  # for other row readers (``PromptFile``)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,6 +438,13 @@ def load_records(path_or_name: str, split: str | None = None, *, config_name: st
     return _read(path_or_name, split, config_name, "raise").rows
 
 
+def read_rows(path: str, *, on_error: str = "raise") -> tuple[list[Any], list[str], list[Skip]]:
+    """The readable rows of a local data file, where each one is (``"<path>, line 7"``, for messages) and
+    the ``(where, why)`` of each row dropped as unreadable under ``on_error="skip"``."""
+    records = _read(path, None, None, on_error)
+    return records.rows, records.where, records.skips
+
+
 # ----------------------------------------------------------------------------------------------------
 # Rows and the adapter registry
 
@@ -546,7 +557,7 @@ class Adapter:
             try:
                 if not isinstance(record, Mapping):
                     raise _RowProblem(f"expected an object with fields, got {type(record).__name__}")
-                examples.append(self.convert_row(Row(record, index, source, question_field, answer_field)))
+                examples.append(checked_gold(self.convert_row(Row(record, index, source, question_field, answer_field))))
             except _RowProblem as problem:
                 location = where[index] if where is not None else f"{source}, record index {index}"
                 if on_error == "raise":
@@ -562,6 +573,17 @@ class Adapter:
 
     def __repr__(self) -> str:
         return f"Adapter({self.name!r}, family={self.family!r})"
+
+
+def checked_gold(example: Example) -> Example:
+    """``example``, unless none of its gold answers could ever be matched (a placeholder such as ``???``,
+    text with no letter or digit, a non-number for kind ``number``): training on it would give reward 0 to
+    every sample, so the row is refused (or skipped and counted) like any other malformed row."""
+    if example.gold:
+        reasons = [unmatchable_gold(gold, example.answer_kind, example.meta.get("options")) for gold in example.gold]
+        if all(reasons):
+            raise _RowProblem(f"{reasons[0]}, so no answer could ever be right")
+    return example
 
 
 ADAPTERS: dict[str, Adapter] = {}

@@ -70,6 +70,7 @@ from cepo.rl.reductions import masked_mean, masked_sum, whiten
 from cepo.rollout import Rollout
 from cepo.training.checkpoint_meta import check_policy_record, check_shapes, policy_record
 from cepo.training.critic import CRITIC_ADAPTER, Critic, CriticConfig
+from cepo.training.monitors import ConstantRewardMonitor
 from cepo.training.predict import PredictionBatch
 
 
@@ -245,6 +246,7 @@ class CEPOModule(LightningModule):
         num_iterations: int = 1,
         completions_to_log: int = 4,
         eval_num_samples: int = 1,
+        reward_stall_steps: int = 10,
     ) -> None:
         """
         Args:
@@ -274,6 +276,9 @@ class CEPOModule(LightningModule):
             eval_num_samples: Completions per prompt in validation/test. 1 with ``eval_temperature`` 0 is
                 greedy pass@1; n > 1 (needs ``generation.eval_temperature`` > 0) reports ``accuracy`` as
                 the mean over n samples and ``pass_at_n`` as the fraction of prompts with any right one.
+            reward_stall_steps: Warn when every completion of the batch got the same fused reward, the same
+                value, for this many rollout steps in a row (nothing is learned from the reward then);
+                ``train/reward_constant_steps`` counts the current run of such steps. 0 never warns.
         """
         super().__init__()
         self.automatic_optimization = False
@@ -295,6 +300,8 @@ class CEPOModule(LightningModule):
         self.num_iterations = num_iterations
         self.completions_to_log = completions_to_log
         self.eval_num_samples = eval_num_samples
+        self.reward_stall_steps = reward_stall_steps
+        self.constant_reward = ConstantRewardMonitor(reward_stall_steps)
         self.parser = AnswerParser(resolve_markers(self.prompt.marker, self.prompt.parse_markers))
         self.estimator = ADVANTAGE_ESTIMATORS[self.advantage.estimator]
         self._check_static_options()
@@ -325,6 +332,8 @@ class CEPOModule(LightningModule):
                 raise ValueError(f"model.reward_weights[{name!r}]={weight} must be a finite number >= 0")
         if self.group_size < 1 or self.micro_batch_size < 1 or self.num_iterations < 1:
             raise ValueError("model.group_size, model.micro_batch_size and model.num_iterations must be >= 1")
+        if self.reward_stall_steps < 0:
+            raise ValueError(f"model.reward_stall_steps={self.reward_stall_steps} must be >= 0 (0 never warns)")
         if self.eval_num_samples < 1:
             raise ValueError("model.eval_num_samples must be >= 1")
         if self.eval_num_samples > 1 and self.generation.eval_temperature <= 0:
@@ -887,6 +896,10 @@ class CEPOModule(LightningModule):
         if "time/step_s" in logged:
             self.log("s/step", logged["time/step_s"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self.log("train/reward", logged["reward_mean"], on_step=True, on_epoch=False)
+        stalled = self.constant_reward.update(logged["reward_mean"], logged["reward_std"])
+        self.log("train/reward_constant_steps", float(self.constant_reward.run), on_step=True, on_epoch=False)
+        if stalled:
+            rank_zero_warn(stalled)
         row_advantages = self._row_advantages(advantages, mask) if advantages is not None else None
         self._log_rollout_tables(rollout, row_advantages)
 
