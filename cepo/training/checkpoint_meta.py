@@ -49,6 +49,13 @@ _CHECKED = (
 )
 
 
+def same_folder(a: str | None, b: str | None) -> bool:
+    """Whether two paths (or two Nones) name the same folder."""
+    if a is None or b is None:
+        return a == b
+    return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def check_policy_record(saved: Mapping[str, Any], current: Mapping[str, Any], *, resuming: bool) -> None:
     """Refuse a checkpoint whose recorded policy settings differ from this run's, naming each option with
     the checkpoint's value and this run's. ``resuming``: also the settings only training depends on (the
@@ -58,7 +65,8 @@ def check_policy_record(saved: Mapping[str, Any], current: Mapping[str, Any], *,
         if key not in saved or (needed_by == "fit" and not resuming):
             continue
         ours, theirs = current.get(key), saved[key]
-        equal = same_model(theirs, ours) if key in ("name_or_path", "adapter_path") else theirs == ours
+        equal = (same_model(theirs, ours) if key == "name_or_path" else same_folder(theirs, ours)
+                 if key == "adapter_path" else theirs == ours)
         if not equal:
             problems.append(f"{option}: the checkpoint's is {theirs!r}, this run's is {ours!r}")
     if not problems:
