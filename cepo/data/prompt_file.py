@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from cepo.data.datasets import ON_ERROR, SKIP_HINT, RowProblem, Skip, checked_gold, read_rows
-from cepo.data.example import Example
+from cepo.data.adapters import RowProblem, checked_gold
+from cepo.data.readers import ON_ERROR, SKIP_HINT, Skip, read_rows
 from cepo.data.sources import DatasetSource, report_skips
+from cepo.records import Example
 
 STDIN = "-"
 _TEXT_SUFFIXES = (".txt", "")

@@ -19,18 +19,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def position_limit(model: nn.Module) -> int | None:
-    """The most positions the model takes (``max_position_embeddings``, GPT-2's ``n_positions``), or None."""
-    while not hasattr(model, "get_input_embeddings") and hasattr(model, "module"):
-        model = model.module  # a DDP wrapper holds the network as .module
-    config = getattr(unwrap(model), "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(decoder stack that returns ``last_hidden_state``, LM head) of a causal LM or its PEFT wrapper."""
     base = unwrap(model)

@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import GenerationConfig as HFGenerationConfig
 
-from cepo.policy.forward import position_limit, unwrap
+from cepo.policy.forward import unwrap
+from cepo.policy.passes import position_limit
 
 
 @dataclass
