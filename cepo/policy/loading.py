@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Mapping
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +152,49 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether two ``policy.name_or_path`` values name the same model: equal, or the same last name
+    component (a hub id and a local copy of it, ``embedded:NAME`` and its packaged folder)."""
+    if a == b:
+        return True
+    if not a or not b:
+        return False
+    last = [re.split(r"[/\\:]", name.rstrip("/\\"))[-1] for name in (a, b)]
+    return last[0] == last[1] and bool(last[0])
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str, fix: str) -> None:
+    """Refuse ``tensors`` (a state dict) when one holds a NaN or an infinity, naming it and the count."""
+    for name, tensor in tensors.items():
+        if not torch.is_tensor(tensor) or not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor)
+        count = int(bad.sum())
+        if count:
+            kinds = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+            if kinds == "NaN" and bool(torch.isinf(tensor).any()):
+                kinds = "NaN and infinite"
+            raise ValueError(
+                f"{what}: tensor {name!r} holds {count} {kinds} value(s) of {tensor.numel()}; {fix}"
+            )
+
+
+def check_adapter(policy, config: PolicyConfig) -> None:
+    """Refuse a starting adapter (``policy.adapter_path``) trained on another base model, or holding a
+    weight that is not finite (it would sample NaN probabilities, or evaluate as all wrong)."""
+    trained = getattr(policy.peft_config.get("default"), "base_model_name_or_path", None)
+    if trained and not same_model(trained, resolve_model_path(config.name_or_path)) and not same_model(
+            trained, config.name_or_path):
+        raise ValueError(
+            f"policy.adapter_path={config.adapter_path!r} was trained on base model {trained!r}, but "
+            f"policy.name_or_path is {config.name_or_path!r}; set policy.name_or_path to the adapter's base "
+            "model (its adapter_config.json, base_model_name_or_path)"
+        )
+    weights = {name: param for name, param in policy.named_parameters() if "lora_" in name}
+    check_finite(weights, f"policy.adapter_path={config.adapter_path!r}",
+                 "the run that wrote this adapter diverged; start from an earlier adapter or without one")
+
+
 def load_policy(config: PolicyConfig) -> tuple[PeftModel, bool]:
     """The LoRA-wrapped policy and whether it carries a frozen ``reference`` adapter.
 
@@ -187,6 +231,7 @@ def load_policy(config: PolicyConfig) -> tuple[PeftModel, bool]:
         policy = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
         policy.load_adapter(str(adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         policy.set_adapter("default")
+        check_adapter(policy, config)
         has_reference = True
     else:
         lora = LoraConfig(

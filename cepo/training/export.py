@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
+from cepo.training.checkpoint_meta import check_checkpoint_file
 from cepo.training.coherence_callback import CoherenceRewardCallback
 
 TRAINED_ADAPTER = "default"
@@ -223,8 +224,7 @@ class CEPOTrainer(Trainer):
         run_dir, step = None, 0
         if ckpt_path is not None:
             path = Path(ckpt_path).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+            check_checkpoint_file(ckpt_path)
             checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
             model.on_load_checkpoint(checkpoint)
             model.load_state_dict(checkpoint["state_dict"])

@@ -38,7 +38,13 @@ from cepo.answers import AnswerParser, resolve_markers
 from cepo.data.datamodule import PromptBatch
 from cepo.data.prompts import render_prompt
 from cepo.evaluation.metrics import EvalMetrics
-from cepo.policy.generation import GenerationConfig, generate_completions
+from cepo.policy.generation import (
+    GenerationConfig,
+    check_position_budget,
+    generate_completions,
+    visible_prompts,
+    warn_prompts_cut,
+)
 from cepo.policy.loading import REFERENCE_ADAPTER, PolicyConfig, load_policy, load_tokenizer
 from cepo.policy.logprobs import batched_logprobs, completion_logprobs, micro_batches
 from cepo.records import Rollout
@@ -50,6 +56,7 @@ from cepo.rl.losses import clipped_value_loss, explained_variance, loss_normaliz
 from cepo.rl.reductions import masked_mean, masked_sum, whiten
 from cepo.training.critic import CRITIC_ADAPTER, Critic, CriticConfig
 from cepo.training.module_state import CheckpointState, fold_optimizer_steps
+from cepo.training.monitors import ConstantRewardMonitor
 from cepo.training.optimisation import Optimisation
 from cepo.training.options import (
     AdvantageConfig,
@@ -113,6 +120,7 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
         num_iterations: int = 1,
         completions_to_log: int = 4,
         eval_num_samples: int = 1,
+        reward_stall_steps: int = 10,
     ) -> None:
         """
         Args:
@@ -142,6 +150,9 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
             eval_num_samples: Completions per prompt in validation/test. 1 with ``eval_temperature`` 0 is
                 greedy pass@1; n > 1 (needs ``generation.eval_temperature`` > 0) reports ``accuracy`` as
                 the mean over n samples and ``pass_at_n`` as the fraction of prompts with any right one.
+            reward_stall_steps: Warn when every completion of the batch got the same fused reward, the same
+                value, for this many rollout steps in a row (nothing is learned from the reward then);
+                ``train/reward_constant_steps`` counts the current run of such steps. 0 never warns.
         """
         super().__init__()
         self.automatic_optimization = False
@@ -163,6 +174,8 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
         self.num_iterations = num_iterations
         self.completions_to_log = completions_to_log
         self.eval_num_samples = eval_num_samples
+        self.reward_stall_steps = reward_stall_steps
+        self.constant_reward = ConstantRewardMonitor(reward_stall_steps)
         self.parser = AnswerParser(resolve_markers(self.prompt.marker, self.prompt.parse_markers))
         self.estimator = ADVANTAGE_ESTIMATORS[self.advantage.estimator]
         self._check_static_options()
@@ -189,6 +202,8 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
         self.tokenizer = load_tokenizer(self.policy_config)
         self.policy, self.has_reference_adapter = load_policy(self.policy_config)
         self.policy.train()  # from_pretrained returns eval mode; generation switches modes itself
+        fitting = self._trainer is None or self.trainer.state.fn == "fit"
+        check_position_budget(self.policy, self.generation, training=fitting)
         if self.critic_config is not None:
             self.critic = Critic(self.critic_config, self.policy)
             self.critic.add_adapter(self.policy, self.policy_config.lora)
@@ -289,10 +304,11 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
         )
         completions = self.tokenizer.batch_decode(generated.completion_ids, skip_special_tokens=True)
         parsed = [self.parser(text) for text in completions]
+        warn_prompts_cut(generated.prompt_truncated, stage, gen.max_prompt_tokens)
         rows = [ex for ex in batch.examples for _ in range(group)]
         return Rollout(
             examples=rows,
-            prompts=[p for p in prompts for _ in range(group)],
+            prompts=visible_prompts(self.tokenizer, [p for p in prompts for _ in range(group)], generated),
             completions=completions,
             rationales=[p.rationale for p in parsed],
             answers=[p.answer for p in parsed],
@@ -303,6 +319,7 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
             completion_ids=generated.completion_ids,
             completion_mask=generated.completion_mask,
             truncated=generated.truncated,
+            prompt_truncated=generated.prompt_truncated,
             stage=stage,
         )
 
