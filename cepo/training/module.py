@@ -544,12 +544,15 @@ class CEPOModule(LightningModule):
         group = self.group_size if train else self.eval_num_samples
         prompts = self.render_prompts(batch.examples)
         gen = self.generation
+        # generation.sampling_seed: each prompt's samples keyed by its text, not by this device's stream.
+        keys = (None if gen.sampling_seed is None
+                else [json.dumps([gen.sampling_seed, stage, self.rollout_step, p]) for p in prompts])
         generated = generate_completions(
             self.policy, self.tokenizer, prompts, group,
             max_new_tokens=gen.max_new_tokens if train else (gen.eval_max_new_tokens or gen.max_new_tokens),
             temperature=gen.temperature if train else gen.eval_temperature,
             top_p=gen.top_p if train else 1.0, top_k=gen.top_k if train else 0,
-            max_prompt_tokens=gen.max_prompt_tokens,
+            max_prompt_tokens=gen.max_prompt_tokens, sample_keys=keys,
         )
         completions = self.tokenizer.batch_decode(generated.completion_ids, skip_special_tokens=True)
         parsed = [self.parser(text) for text in completions]
