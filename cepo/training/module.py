@@ -61,6 +61,7 @@ from cepo.rl.losses import (
 )
 from cepo.rl.reductions import masked_mean, masked_sum, whiten
 from cepo.rollout import Rollout
+from cepo.training.checkpointing import atomic_folder
 from cepo.training.critic import CRITIC_ADAPTER, Critic, CriticConfig
 from cepo.training.predict import PredictionBatch
 
@@ -1068,13 +1069,17 @@ class CEPOModule(LightningModule):
     def export_adapter(self, path: str) -> None:
         """Write the trained LoRA adapter in PEFT format (``PeftModel.from_pretrained`` loads it) and the
         tokenizer to ``path`` (``fit`` writes ``<log_dir>/adapter``); with a critic also
-        ``value_head.safetensors`` and, for ``critic.kind: separate``, the critic adapter in ``critic/``."""
+        ``value_head.safetensors`` and, for ``critic.kind: separate``, the critic adapter in ``critic/``.
+        The folder is written as one step (:func:`~cepo.training.checkpointing.atomic_folder`): a kill
+        leaves the previous folder or the new one, never a mix."""
         target = Path(path)
-        self.policy.save_pretrained(str(target), selected_adapters=["default"])
-        self.tokenizer.save_pretrained(str(target))
+        with atomic_folder(target) as staging:
+            self.policy.save_pretrained(str(staging), selected_adapters=["default"])
+            self.tokenizer.save_pretrained(str(staging))
+            if self.critic is not None:
+                self.critic.export(self.policy, staging)
         rank_zero_info(f"LoRA adapter written to {target}")
         if self.critic is not None:
-            self.critic.export(self.policy, target)
             rank_zero_info(f"value head written to {target}")
 
 
