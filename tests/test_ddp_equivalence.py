@@ -50,7 +50,7 @@ def test_two_ddp_processes_end_with_the_lora_weights_of_one_process(preset, tmp_
     monkeypatch.chdir(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     two = subprocess.run([sys.executable, "-m", "cepo", *args(tmp_path / "two", preset, 2, 2)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=400)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "Starting with 2 processes" in two.stderr + two.stdout
     main(args(tmp_path / "one", preset, 1, 4))
@@ -58,5 +58,6 @@ def test_two_ddp_processes_end_with_the_lora_weights_of_one_process(preset, tmp_
     assert single.keys() == ddp.keys()
     difference = max(float((single[k] - ddp[k]).abs().max()) for k in single)
     moved = max(float(v.abs().max()) for k, v in single.items() if "lora_B" in k)  # B starts at 0
+    print(f"{preset}: max |LoRA weight difference| {difference:.3g}, max |lora_B| {moved:.3g}")
     assert moved > 100 * TOLERANCE, "the runs trained, so equal weights are not just the initial ones"
     assert difference <= TOLERANCE, f"max |LoRA weight difference| = {difference:.3g}"
