@@ -43,6 +43,8 @@ from cepo.answers.parsing import last_boxed
 from cepo.data.example import PROMPT_FAMILIES, Example
 
 ON_ERROR = ("raise", "skip")
+ON_ERROR_FIX = ("use on_error='skip' to drop malformed rows (each named in a warning and counted as `skipped`), "
+                "or 'raise' to stop at the first")
 _QUESTION_ALIASES = ("question", "problem", "input")
 _ANSWER_ALIASES = ("answer", "target")
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -538,7 +540,7 @@ class Adapter:
         """Examples of ``records`` and the ``(where, why)`` of each skipped row. ``where[i]`` names record i in
         messages (default ``"<source>, record index i"``)."""
         if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}: {ON_ERROR_FIX}")
         source = source or self.name
         examples: list[Example] = []
         skips: list[Skip] = []
@@ -903,7 +905,8 @@ def sample_examples(examples: Sequence[Example], limit: int | None, seed: int = 
     if limit is None or limit >= len(examples):
         return list(examples)
     if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise ValueError(f"limit must be >= 0, got {limit}; set it to the number of examples to keep, or to "
+                         "null to keep them all")
     chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
     return [examples[i] for i in chosen]
 
@@ -944,7 +947,7 @@ def load_examples(
     if adapter not in ADAPTERS:
         raise ValueError(f"unknown dataset adapter {adapter!r}; choose one of {', '.join(ADAPTERS)}")
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}: {ON_ERROR_FIX}")
     if source is None:
         source = adapter if adapter != "generic" else _source_name(path_or_name)
     records = _read(path_or_name, split, config_name, on_error)
