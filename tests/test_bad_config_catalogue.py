@@ -130,6 +130,8 @@ CASES = [
      r"network.*critic", r"'reference', 'policy'"),
     ("reward-like callback that is not a NetworkReward", [f"--trainer.callbacks+={HELPERS}.OldStyleReward"],
      TypeError, r"trainer\.callbacks holds OldStyleReward, which looks like a reward", r"subclass cepo\.NetworkReward"),
+    ("two reward presets stacked", [*CEPO, "--config", "configs/experiments/cepo_policy_network.yaml"], ValueError,
+     r"trainer\.callbacks holds CoherenceRewardCallback more than once", r"use one preset.*model\.reward_weights"),
     ("accumulate_grad_batches", ["--trainer.accumulate_grad_batches", "2"], ValueError,
      r"trainer\.accumulate_grad_batches .* manual optimisation", r"model\.mini_batch_size/model\.micro_batch_size"),
     ("gradient_clip_val", ["--trainer.gradient_clip_val", "1.0"], ValueError,

@@ -222,6 +222,15 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
                     "cepo.NetworkReward; subclass cepo.NetworkReward and implement "
                     "score_rollout(module, rollout, step) (the old on_rollout_batch hook is no longer called)"
                 )
+        kinds = [type(reward).__name__ for reward in self.network_rewards()]
+        doubled = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+        if doubled:
+            raise ValueError(
+                f"trainer.callbacks holds {', '.join(doubled)} more than once, so its reward terms would be attached "
+                "twice; each reward preset appends its own (configs/rewards/*.yaml, "
+                "configs/experiments/cepo_policy_network.yaml): use one preset, re-weight terms by name in "
+                "model.reward_weights, and change the callback's options with --trainer.callbacks.<option>"
+            )
 
     def network_rewards(self) -> list[NetworkReward]:
         """The trainer's callbacks that are rewards needing the network (found by type)."""
@@ -593,14 +602,14 @@ class GRPO(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="grpo"),
-        kl: KLConfig = KLConfig(coef=0.001, placement="loss"),
+        kl: KLConfig = KLConfig(placement="loss"),
         critic: CriticConfig | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             advantage: ``estimator: grpo`` with its ``scale``, ``min_std`` and ``per_term`` options.
-            kl: k3 KL loss term with coefficient 0.001 (the CE-PO authors' setting).
+            kl: k3 KL loss term at the default ``KLConfig.coef`` (the CE-PO authors' setting).
             critic: None: GRPO needs no value model.
             **kwargs: Every other option of :class:`CEPOModule` (policy, generation, rewards, loss, ...).
         """
@@ -617,14 +626,14 @@ class RLOO(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="rloo"),
-        kl: KLConfig = KLConfig(coef=0.001, placement="loss"),
+        kl: KLConfig = KLConfig(placement="loss"),
         critic: CriticConfig | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             advantage: ``estimator: rloo`` (needs ``group_size`` >= 2).
-            kl: k3 KL loss term with coefficient 0.001.
+            kl: k3 KL loss term at the default ``KLConfig.coef``.
             critic: None: RLOO needs no value model.
             **kwargs: Every other option of :class:`CEPOModule`.
         """
@@ -641,14 +650,14 @@ class ReinforcePP(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="reinforce_pp"),
-        kl: KLConfig = KLConfig(coef=0.001, placement="reward"),
+        kl: KLConfig = KLConfig(placement="reward"),
         critic: CriticConfig | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             advantage: ``estimator: reinforce_pp`` with discount ``gamma``.
-            kl: k1 penalty in the token rewards with coefficient 0.001.
+            kl: k1 penalty in the token rewards at the default ``KLConfig.coef``.
             critic: None: REINFORCE++ needs no value model.
             **kwargs: Every other option of :class:`CEPOModule`.
         """
@@ -666,7 +675,7 @@ class PPO(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="gae", whiten=True),
-        kl: KLConfig = KLConfig(coef=0.001, placement="reward"),
+        kl: KLConfig = KLConfig(placement="reward"),
         critic: CriticConfig | None = CriticConfig(),
         group_size: int = 1,
         num_iterations: int = 2,
@@ -675,8 +684,8 @@ class PPO(CEPOModule):
         """
         Args:
             advantage: ``estimator: gae`` (``gamma``, ``lam``; CE-PO authors: 1.0, 1.0), whitened.
-            kl: k1 penalty in the token rewards, coefficient 0.001 (the authors' PPO run); set ``target``
-                for the adaptive controller.
+            kl: k1 penalty in the token rewards at the default ``KLConfig.coef`` (the authors' PPO run); set
+                ``target`` for the adaptive controller.
             critic: The value model: a value head on the policy (``kind: head``) or a separate adapter.
             group_size: Samples per prompt (PPO needs no group; 1 is the usual choice).
             num_iterations: PPO epochs over each rollout (each epoch runs every mini-batch once).

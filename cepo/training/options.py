@@ -103,8 +103,8 @@ class KLConfig:
     """The KL divergence to the frozen reference policy (:mod:`cepo.rl.kl`)."""
 
     coef: float = 0.001
-    """KL coefficient (initial value when ``target`` is set); CE-PO authors: 0.001. 0 with no ``target``
-    skips the reference forward pass."""
+    """KL coefficient (initial value when ``target`` is set); the default is the CE-PO authors' value. 0
+    with no ``target`` skips the reference forward pass."""
     placement: Literal["loss", "reward"] = "loss"
     """``loss``: a per-token KL term added to the policy loss (GRPO). ``reward``: a per-token penalty
     ``-coef * KL`` in the rewards, before the advantages (Ziegler et al. 2019; PPO, REINFORCE++)."""
