@@ -126,7 +126,8 @@ CASES = [
     ("reward outside [0, 1]", reward("90"), ValueError,
      r"reward 'constant' returned 90 .*outside \[0, 1\]", r"rescale the reward to \[0, 1\]"),
     ("reward weight negative", [f"{M}rewards.init_args.weight", "-1"], ValueError,
-     r"AccuracyReward: weight must be a finite number >= 0, got -1", r">= 0"),
+     r"AccuracyReward: weight must be a finite number >= 0, got -1",
+     r"set init_args\.weight to 0 to log the term without optimising it"),
     ("model folder missing", [f"{M}policy.name_or_path", "./no/such/model"], FileNotFoundError,
      r"policy\.name_or_path='\./no/such/model': no such folder", r"existing local folder or a hub id"),
     ("LoRA targets match nothing", [f"{M}policy.lora.target_modules", "[no_such_proj]"], ValueError,
@@ -165,7 +166,7 @@ CASES = [
     ("max_steps unset (cosine schedule)", [f"{M}optim.scheduler", "cosine", "--trainer.max_steps", "-1"], ValueError,
      r"trainer\.max_steps must be set", r"--trainer\.max_steps 200"),
     ("negative coherence weight", [*CEPO, "--trainer.callbacks.weight_zx", "-0.1"], ValueError,
-     r"weight_zx must be >= 0, got -0\.1", r">= 0"),
+     r"weight_zx must be >= 0, got -0\.1", r"set weight_zx to 0 to log the channel without rewarding it"),
     ("coherence network not a choice", [*CEPO, "--trainer.callbacks.network", "critic"], SystemExit,
      r"network.*critic", r"'reference', 'policy'"),
     ("reward-like callback that is not a NetworkReward", [f"--trainer.callbacks+={HELPERS}.OldStyleReward"],
@@ -210,6 +211,8 @@ CASES = [
     ("adapter with a NaN weight", adapter_with_nan, ValueError,
      r"policy\.adapter_path=.*nan-adapter': tensor '[^']*lora_B\.default\.weight' holds 1 NaN value\(s\)",
      r"start from an earlier adapter or without one"),
+    ("advantage.estimator not a choice", [f"{M}advantage.estimator", "vtrace"], SystemExit,
+     r"Got value: vtrace", r"\"advantage\.estimator\": Expected a .*'grpo', 'rloo', 'reinforce_pp', 'gae'"),
 ]
 
 
@@ -230,8 +233,10 @@ def test_bad_configuration_is_refused_with_the_fix(overlay, exception, problem, 
         # cepo's own message, not buried in the parser's dump of every option
         assert "Given value" not in message and len(message) < 1500, message
     message = " ".join(message.split())
-    assert re.search(problem, message), message
-    assert re.search(fix, message), message
+    found = re.search(problem, message)
+    assert found, message
+    # The fix must be said besides the problem: a fix pattern that the problem's own words match proves nothing.
+    assert re.search(fix, message[:found.start()] + " " + message[found.end():]), message
 
 
 def test_every_case_is_distinct():

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from cepo.answers.matching import normalize_number, normalize_text, unmatchable_gold
 from cepo.answers.parsing import last_boxed
-from cepo.data.readers import ON_ERROR, SKIP_HINT, Skip
+from cepo.data.readers import ON_ERROR, ON_ERROR_FIX, SKIP_HINT, Skip
 from cepo.records import PROMPT_FAMILIES, Example
 from cepo.registry import Registry
 
@@ -152,7 +152,7 @@ class Adapter:
         """Examples of ``records`` and the ``(where, why)`` of each skipped row. ``where[i]`` names record i in
         messages (default ``"<source>, record index i"``)."""
         if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}: {ON_ERROR_FIX}")
         source = source or self.name
         examples: list[Example] = []
         skips: list[Skip] = []

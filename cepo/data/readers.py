@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ON_ERROR = ("raise", "skip")
+ON_ERROR_FIX = ("use on_error='skip' to drop malformed rows (each named in a warning and counted as `skipped`), "
+                "or 'raise' to stop at the first")
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _FOLDER_SUFFIXES = (".jsonl", ".json", ".csv")  # <split><suffix> in a plain folder, in this order of preference
 SKIP_HINT = (

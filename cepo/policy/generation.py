@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import hashlib
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +13,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import GenerationConfig as HFGenerationConfig
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from cepo.policy.forward import unwrap
 from cepo.policy.passes import position_limit
@@ -36,6 +40,14 @@ class GenerationConfig:
     """Completion budget during validation/test (None = ``max_new_tokens``)."""
     eval_temperature: float = 0.0
     """Temperature during validation/test; 0 means greedy decoding (pass@1)."""
+    sampling_seed: int | None = None
+    """None: completions are drawn from each device's random stream (seeded by ``seed_everything``), so
+    they depend on the number of devices and on which prompts share a batch. An integer: sample j of a
+    prompt is drawn from its own stream, seeded by this number, the stage, the rollout step, the prompt's
+    text and j, so the completions do not depend on the device count, the batch composition or the
+    prompt order: a 1-device and a 2-device run with the same global batch sample the same texts. The
+    distribution is unchanged (Gumbel-max over the temperature/top-k/top-p-filtered logits); a prompt
+    that occurs twice in one step gets the same G samples twice."""
 
 
 def check_generation_options(config: GenerationConfig, *, training: bool, prefix: str = "model.generation") -> None:
@@ -206,6 +218,44 @@ def _report_overrides(name: str, differences: dict[str, tuple]) -> None:
         rank_zero_info(message)
 
 
+def sample_seed(*parts: object) -> int:
+    """A 63-bit seed that identifies ``parts`` (SHA-256 of their JSON): the same in every process and
+    under any ``PYTHONHASHSEED``."""
+    text = json.dumps([part if isinstance(part, (int, float, str)) else str(part) for part in parts])
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") >> 1
+
+
+class KeyedSampler(LogitsProcessor):
+    """Sampling with one random stream per row, for ``generate`` in greedy mode.
+
+    The logits go through the same temperature, top-k and top-p warpers as ``do_sample=True``; then each
+    row adds Gumbel noise ``-log E``, ``E ~ Exp(1)`` drawn from the row's own generator, so that the argmax
+    that greedy decoding takes is an exact sample of the filtered ``softmax(logits / T)`` (the Gumbel-max
+    trick). A row's draws depend only on its seed and its position in the completion, never on the
+    other rows of the batch or on the global random state.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_k: int, top_p: float, device) -> None:
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(float(temperature))])
+        if top_k > 0:
+            self.warpers.append(TopKLogitsWarper(int(top_k)))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(float(top_p)))
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"KeyedSampler has {len(self.generators)} row seeds for a batch of {scores.shape[0]}")
+        scores = self.warpers(input_ids, scores)
+        # Drawn in float64: a float32 draw is exactly 0 with probability ~2^-24 per entry, which over a
+        # large vocabulary would often hand one arbitrary token an infinite score.
+        exponential = torch.stack([
+            torch.empty(scores.shape[1], device=scores.device, dtype=torch.float64).exponential_(generator=g)
+            for g in self.generators
+        ])  # (N, vocab), one row per generator
+        return scores - exponential.log().to(scores.dtype)
+
+
 @torch.no_grad()
 def generate_completions(
     model,
@@ -218,6 +268,7 @@ def generate_completions(
     top_p: float = 1.0,
     top_k: int = 0,
     max_prompt_tokens: int | None = None,
+    sample_keys: list[str] | None = None,
 ) -> Generated:
     """Sample ``group_size`` completions per prompt in one batched call (KV cache on).
 
@@ -229,22 +280,33 @@ def generate_completions(
 
     Prompts longer than :func:`prompt_token_cap` are cut from the left; ``Generated.prompt_truncated``
     flags them.
+    ``sample_keys`` (one per prompt, with ``temperature`` > 0): sample j of prompt i is drawn from a stream
+    seeded by ``(sample_keys[i], j)`` (:class:`KeyedSampler`) instead of the global random state, so it
+    is the same whichever prompts share the batch.
     """
+    if sample_keys is not None and len(sample_keys) != len(prompts):
+        raise ValueError(f"sample_keys needs one key per prompt: got {len(sample_keys)} for {len(prompts)} prompts")
     device = next(model.parameters()).device
     enc, cut = tokenize_prompts(tokenizer, prompts, prompt_token_cap(model, max_prompt_tokens, max_new_tokens))
     prompt_ids = enc.input_ids.repeat_interleave(group_size, dim=0).to(device)
     prompt_mask = enc.attention_mask.repeat_interleave(group_size, dim=0).to(device)
     stop = eos_ids(model, tokenizer)
+    keyed = sample_keys is not None and temperature > 0
+    processors = LogitsProcessorList()
+    if keyed:  # greedy decoding over KeyedSampler's noisy scores is sampling, row by row
+        seeds = [sample_seed(key, j) for key in sample_keys for j in range(group_size)]
+        processors.append(KeyedSampler(seeds, temperature, top_k, top_p, device))
     config = sampling_config(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=stop,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        max_new_tokens=max_new_tokens, temperature=0.0 if keyed else temperature, top_p=top_p, top_k=top_k,
+        eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     was_training = model.training
     model.eval()
     try:
         with _model_generation_config(model, config) as model_defaults:
             _report_overrides("sampling" if temperature > 0 else "greedy", overridden_defaults(model_defaults, config))
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                 logits_processor=processors)
     finally:
         model.train(was_training)
     completion_ids = out[:, prompt_ids.shape[1] :]

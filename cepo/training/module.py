@@ -25,6 +25,7 @@ checkpoint state (:mod:`cepo.training.module_state`).
 from __future__ import annotations
 
 import copy
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from cepo.rl.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, kl_penaliz
 from cepo.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, k1_kl
 from cepo.rl.losses import clipped_value_loss, explained_variance, loss_normalizer, policy_objective
 from cepo.rl.reductions import masked_mean, masked_sum, whiten
+from cepo.training.checkpointing import atomic_folder
 from cepo.training.critic import CRITIC_ADAPTER, Critic, CriticConfig
 from cepo.training.module_state import CheckpointState, fold_optimizer_steps
 from cepo.training.monitors import ConstantRewardMonitor
@@ -295,12 +297,15 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
         group = self.group_size if train else self.eval_num_samples
         prompts = self.render_prompts(batch.examples)
         gen = self.generation
+        # generation.sampling_seed: each prompt's samples keyed by its text, not by this device's stream.
+        keys = (None if gen.sampling_seed is None
+                else [json.dumps([gen.sampling_seed, stage, self.rollout_step, p]) for p in prompts])
         generated = generate_completions(
             self.policy, self.tokenizer, prompts, group,
             max_new_tokens=gen.max_new_tokens if train else (gen.eval_max_new_tokens or gen.max_new_tokens),
             temperature=gen.temperature if train else gen.eval_temperature,
             top_p=gen.top_p if train else 1.0, top_k=gen.top_k if train else 0,
-            max_prompt_tokens=gen.max_prompt_tokens,
+            max_prompt_tokens=gen.max_prompt_tokens, sample_keys=keys,
         )
         completions = self.tokenizer.batch_decode(generated.completion_ids, skip_special_tokens=True)
         parsed = [self.parser(text) for text in completions]
@@ -590,13 +595,17 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
     def export_adapter(self, path: str) -> None:
         """Write the trained LoRA adapter in PEFT format (``PeftModel.from_pretrained`` loads it) and the
         tokenizer to ``path`` (``fit`` writes ``<log_dir>/adapter``); with a critic also
-        ``value_head.safetensors`` and, for ``critic.kind: separate``, the critic adapter in ``critic/``."""
+        ``value_head.safetensors`` and, for ``critic.kind: separate``, the critic adapter in ``critic/``.
+        The folder is written as one step (:func:`~cepo.training.checkpointing.atomic_folder`): a kill
+        leaves the previous folder or the new one, never a mix."""
         target = Path(path)
-        self.policy.save_pretrained(str(target), selected_adapters=["default"])
-        self.tokenizer.save_pretrained(str(target))
+        with atomic_folder(target) as staging:
+            self.policy.save_pretrained(str(staging), selected_adapters=["default"])
+            self.tokenizer.save_pretrained(str(staging))
+            if self.critic is not None:
+                self.critic.export(self.policy, staging)
         rank_zero_info(f"LoRA adapter written to {target}")
         if self.critic is not None:
-            self.critic.export(self.policy, target)
             rank_zero_info(f"value head written to {target}")
 
 
