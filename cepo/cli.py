@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from jsonargparse import lazy_instance, set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from cepo.data.datamodule import PromptDataModule
@@ -17,6 +17,27 @@ from cepo.training.checkpointing import LatestCheckpoint
 from cepo.training.export import AdapterCheckpoint, CEPOTrainer, MergedExport
 from cepo.training.module import CEPOModule
 from cepo.training.predict import PredictionWriter
+from cepo.training.run_logging import log_hyperparameters, run_dir
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes the resolved ``config.yaml`` into the run's folder (:func:`cepo.training.run_logging.run_dir`,
+    unique per run for every logger). A ``predict`` whose output goes elsewhere (``--prediction.output``)
+    writes nothing, so it leaves no run folder behind."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved or not self.save_to_log_dir:
+            return
+        if stage == "predict" and any(isinstance(cb, PredictionWriter) and cb.output for cb in trainer.callbacks):
+            return
+        path = run_dir(trainer) / self.config_filename  # every rank: the path is broadcast
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(path), skip_none=False, overwrite=self.overwrite,
+                             multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
 class CEPOCLI(LightningCLI):
@@ -51,10 +72,10 @@ class CEPOCLI(LightningCLI):
         self._log_hparams()
 
     def _log_hparams(self) -> None:
-        """TensorBoard's HParams tab: every resolved option of this run with its final metrics (the last
-        validation's, and the last training reward), so runs can be compared side by side."""
-        logger = self.trainer.logger
-        if logger is None:
+        """Every resolved option of this run with its final metrics (the last validation's, and the last
+        training reward), through each logger's own API (TensorBoard: the HParams tab), so runs can be
+        compared side by side."""
+        if not self.trainer.loggers:
             return
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         params = flatten_config(config.as_dict())
@@ -62,8 +83,9 @@ class CEPOCLI(LightningCLI):
         reward = self.trainer.callback_metrics.get("train/reward")
         if reward is not None:
             metrics["final/train/reward"] = float(reward)
-        if metrics:
-            logger.log_hyperparams(params, metrics)
+        step = int(getattr(self.model, "rollout_step", self.trainer.global_step))
+        if self.trainer.is_global_zero:
+            log_hyperparameters(self.trainer.loggers, params, metrics, step)
 
     def _check_trainer(self) -> None:
         trainer = self.trainer
@@ -81,15 +103,26 @@ class CEPOCLI(LightningCLI):
 
 def flatten_config(config: dict, prefix: str = "") -> dict[str, object]:
     """``{"model": {"init_args": {"lr": 1}}}`` -> ``{"model.init_args.lr": 1}``; lists and other values are
-    kept whole (the logger turns them into text)."""
+    kept whole (the logger turns them into text); every value is made plain (tuples become lists, paths
+    and other objects their text), so each logger can write it as YAML or JSON."""
     flat: dict[str, object] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten_config(value, f"{name}."))
         else:
-            flat[name] = value
+            flat[name] = plain(value)
     return flat
+
+
+def plain(value: object) -> object:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    return str(value)
 
 
 def main(args: list[str] | None = None) -> CEPOCLI:
@@ -101,6 +134,7 @@ def main(args: list[str] | None = None) -> CEPOCLI:
         PromptDataModule,
         subclass_mode_model=True,
         auto_configure_optimizers=False,
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         trainer_defaults={

@@ -26,6 +26,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
 from cepo.training.coherence_callback import CoherenceRewardCallback
+from cepo.training import run_logging
 
 TRAINED_ADAPTER = "default"
 
@@ -186,9 +187,9 @@ class MergedExport(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.at_fit_end:
             return
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir broadcasts
-        self.path = Path(self.output_dir) if self.output_dir else run_dir / "merged"
-        self._write(trainer, pl_module, run_dir)
+        folder = run_logging.run_dir(trainer)  # every rank: the path is broadcast
+        self.path = Path(self.output_dir) if self.output_dir else folder / "merged"
+        self._write(trainer, pl_module, folder)
 
     @rank_zero_only
     def _write(self, trainer: Trainer, pl_module: LightningModule, run_dir: Path) -> None:

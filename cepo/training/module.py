@@ -61,6 +61,7 @@ from cepo.rl.losses import (
 )
 from cepo.rl.reductions import masked_mean, masked_sum, whiten
 from cepo.rollout import Rollout
+from cepo.training import run_logging
 from cepo.training.critic import CRITIC_ADAPTER, Critic, CriticConfig
 from cepo.training.predict import PredictionBatch
 
@@ -262,7 +263,8 @@ class CEPOModule(LightningModule):
             micro_batch_size: Completions per forward/backward pass (gradient accumulation inside a
                 mini-batch; also the chunk size of the no-grad log-prob passes).
             num_iterations: Passes over each rollout (mu in GRPO, PPO epochs), reusing stored old log-probs.
-            completions_to_log: Completions written to TensorBoard as text per logged step (0 = none).
+            completions_to_log: Completions logged per logged step as a table with every reward term and the
+                advantage (TensorBoard text, W&B table, MLflow artifact, CSV logger's ``completions.jsonl``; 0 = none).
             eval_num_samples: Completions per prompt in validation/test. 1 with ``eval_temperature`` 0 is
                 greedy pass@1; n > 1 (needs ``generation.eval_temperature`` > 0) reports ``accuracy`` as
                 the mean over n samples and ``pass_at_n`` as the fraction of prompts with any right one.
@@ -900,33 +902,29 @@ class CEPOModule(LightningModule):
     @rank_zero_only
     def _log_rollout_tables(self, rollout: Rollout, advantages: torch.Tensor | None) -> None:
         """Every ``log_every_n_steps`` rollouts: histograms of each reward term and of the advantages, and
-        the first ``completions_to_log`` completions as a text table with every term and the advantage."""
+        the first ``completions_to_log`` completions as a table with every term and the advantage, on each
+        logger that can show them (:mod:`cepo.training.run_logging`)."""
         every = max(1, self.trainer.log_every_n_steps)
-        if self.rollout_step % every:
+        if self.rollout_step % every or not self.loggers:
             return
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None:
-            return
-        if hasattr(experiment, "add_histogram"):
-            for name, values in rollout.rewards.items():
-                experiment.add_histogram(f"train/{'reward' if name == 'reward' else 'rewards/' + name}",
-                                         values.float(), global_step=self.rollout_step)
-            if advantages is not None:
-                experiment.add_histogram("train/advantage", advantages, global_step=self.rollout_step)
-        if not self.completions_to_log or not hasattr(experiment, "add_text"):
+        histograms = {f"train/{'reward' if name == 'reward' else 'rewards/' + name}": values
+                      for name, values in rollout.rewards.items()}
+        if advantages is not None:
+            histograms["train/advantage"] = advantages
+        run_logging.log_histograms(self.loggers, histograms, self.rollout_step)
+        if not self.completions_to_log:
             return
         names = list(rollout.rewards)
-        columns = names + (["advantage"] if advantages is not None else [])
-        header = "| prompt | completion | answer | gold | " + " | ".join(columns) + " |"
-        lines = [header, "|" + "---|" * (4 + len(columns))]
+        table = run_logging.CompletionsTable(
+            step=self.rollout_step, text_columns=["prompt", "completion", "answer", "gold"],
+            number_columns=names + (["advantage"] if advantages is not None else []), rows=[])
         for i in range(min(self.completions_to_log, len(rollout))):
-            cells = [rollout.prompts[i], rollout.completions[i], rollout.answers[i], " / ".join(rollout.examples[i].gold)]
-            cells = [c.replace("|", "\\|").replace("\n", "⏎")[-300:] for c in cells]
-            cells += [f"{float(rollout.rewards[n][i]):.3f}" for n in names]
+            texts = [rollout.prompts[i], rollout.completions[i], rollout.answers[i], " / ".join(rollout.examples[i].gold)]
+            numbers = [float(rollout.rewards[n][i]) for n in names]
             if advantages is not None:
-                cells.append(f"{float(advantages[i]):+.3f}")
-            lines.append("| " + " | ".join(cells) + " |")
-        experiment.add_text("completions", "\n".join(lines), global_step=self.rollout_step)
+                numbers.append(float(advantages[i]))
+            table.rows.append((texts, numbers))
+        run_logging.log_completions(self.loggers, table)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self, stage: str) -> None:
@@ -977,9 +975,9 @@ class CEPOModule(LightningModule):
         return results
 
     def run_dir(self) -> Path:
-        """The run's log folder. Call on every rank: ``trainer.log_dir`` broadcasts, so reading it inside
+        """The run's log folder. Call on every rank: the path is broadcast, so reading it inside
         rank-zero-only code would leave the other ranks out of a collective and hang DDP."""
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        return run_logging.run_dir(self.trainer)
 
     @rank_zero_only
     def _report(self, stage: str, results: dict[str, dict[str, float]], run_dir: Path) -> None:
