@@ -39,7 +39,13 @@ from cepo.data.datamodule import PromptBatch
 from cepo.data.prompts import FAMILIES, render_prompt
 from cepo.evaluation.metrics import EvalMetrics, format_table
 from cepo.policy.generation import GenerationConfig, generate_completions
-from cepo.policy.loading import REFERENCE_ADAPTER, PolicyConfig, load_policy, load_tokenizer
+from cepo.policy.loading import (
+    REFERENCE_ADAPTER,
+    PolicyConfig,
+    expected_prompt_ending,
+    load_policy,
+    load_tokenizer,
+)
 from cepo.policy.logprobs import batched_logprobs, completion_logprobs, micro_batches
 from cepo.rewards.base import AccuracyReward, NetworkReward, RewardFunction, check_reward_values
 from cepo.rewards.combiner import normalized_weights, power_mean
@@ -249,7 +255,7 @@ class CEPOModule(LightningModule):
                 Rewards that need the network (``NetworkReward``, e.g. ``CoherenceRewardCallback``) are
                 trainer callbacks and add more terms. Default: accuracy only. An overlay config adds to
                 this list with ``rewards+:`` (a plain ``rewards:`` replaces it).
-            reward_p: Exponent p of the weighted power mean that fuses the terms (DESIGN §5): 1 =
+            reward_p: Exponent p of the weighted power mean that fuses the terms (docs/design.md#combiner): 1 =
                 weighted mean, 0 = geometric mean, < 1 concave (coherence cannot buy back a wrong answer).
             reward_weights: Weight overrides by term name (``{accuracy: 0.7}``), applied to every term,
                 whichever reward attached it; lets an overlay re-weight terms without replacing the list.
@@ -288,6 +294,7 @@ class CEPOModule(LightningModule):
         self.micro_batch_size = micro_batch_size
         self.num_iterations = num_iterations
         self.completions_to_log = completions_to_log
+        self._prompt_ending_warned: set[str] = set()  # datasets already warned about (render_prompts)
         self.eval_num_samples = eval_num_samples
         self.parser = AnswerParser(resolve_markers(self.prompt.marker, self.prompt.parse_markers))
         self.estimator = ADVANTAGE_ESTIMATORS[self.advantage.estimator]
@@ -531,7 +538,7 @@ class CEPOModule(LightningModule):
 
     # ------------------------------------------------------------------ rollouts
     def render_prompts(self, examples) -> list[str]:
-        return [
+        prompts = [
             render_prompt(
                 ex, family=None if self.prompt.template == "auto" else self.prompt.template,
                 tokenizer=self.tokenizer, use_chat_template=self.prompt.use_chat_template,
@@ -539,6 +546,27 @@ class CEPOModule(LightningModule):
             )
             for ex in examples
         ]
+        self._check_prompt_endings(examples, prompts)
+        return prompts
+
+    def _check_prompt_endings(self, examples, prompts: list[str]) -> None:
+        """Warn once per dataset when an embedded model gets prompts that do not end as the ones it was
+        trained on: it then continues the line instead of answering, and scores near 0 without an error.
+        The prompts are not edited: a raw template promises the question as written."""
+        ending = expected_prompt_ending(self.policy_config.name_or_path)
+        if not ending:
+            return
+        for source in {ex.source for ex in examples} - self._prompt_ending_warned:
+            bad = [p for ex, p in zip(examples, prompts) if ex.source == source and not p.endswith(ending)]
+            if bad:
+                self._prompt_ending_warned.add(source)
+                rank_zero_warn(
+                    f"{len(bad)} of {sum(ex.source == source for ex in examples)} prompts from {source!r} do not end "
+                    f"with {ending!r}, as the prompts {self.policy_config.name_or_path} was trained on do "
+                    f"(e.g. {bad[0][-40:]!r}); it will continue the line instead of answering. End each "
+                    f"question with {ending!r} (in JSONL: \"question\": \"Q: 7+5-3 hint: 9\\n\") and keep "
+                    "model.prompt.template raw."
+                )
 
     def make_rollout(self, batch: PromptBatch, stage: str) -> Rollout:
         """Generate completions for the batch's prompts and parse them into X and Y."""
@@ -966,12 +994,22 @@ class CEPOModule(LightningModule):
         if results:
             accuracies = [v["accuracy"] for v in results.values() if "accuracy" in v]
             flat[f"{stage}/accuracy"] = sum(accuracies) / len(accuracies)
-        for key, value in flat.items():
-            self.log(key, value, sync_dist=False, add_dataloader_idx=False)
-        if not self.trainer.sanity_checking:
-            self._report(stage, results, self.run_dir())
-            if stage == "val":
-                self.last_val_metrics = {key: float(value) for key, value in flat.items()}
+        if self.trainer.sanity_checking:
+            # `trainer.num_sanity_val_steps: -1` runs every validation batch before the first rollout:
+            # that pass is the step-0 validation (what training starts from). Lightning drops what is
+            # self.log-ged while sanity checking, so it goes to the loggers directly. A partial check, or
+            # the one a resumed run makes, is only a check.
+            if self.trainer.num_sanity_val_steps != float("inf") or self.rollout_step != 0:
+                return results
+            if self.trainer.is_global_zero:
+                for logger in self.loggers:
+                    logger.log_metrics({key: float(value) for key, value in flat.items()}, step=0)
+        else:
+            for key, value in flat.items():
+                self.log(key, value, sync_dist=False, add_dataloader_idx=False)
+        self._report(stage, results, self.run_dir())
+        if stage == "val":
+            self.last_val_metrics = {key: float(value) for key, value in flat.items()}
         return results
 
     def run_dir(self) -> Path:

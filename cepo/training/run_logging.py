@@ -82,6 +82,8 @@ class CompletionsTable:
 
 
 def log_completions(loggers: Iterable[Logger], table: CompletionsTable) -> None:
+    """The table on each logger that can show one: TensorBoard text, a W&B table, rows appended to the
+    MLflow run's ``completions.json`` artifact, lines appended to the CSV logger's ``completions.jsonl``."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text(COMPLETIONS_KEY, table.markdown(), global_step=table.step)
