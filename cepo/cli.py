@@ -6,9 +6,12 @@ its type, default and meaning, read from the classes' docstrings.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 from jsonargparse import lazy_instance, set_parsing_settings
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -40,6 +43,52 @@ class SaveRunConfig(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
+class RolloutRichProgressBar(RichProgressBar):
+    """Lightning's progress bar without what means nothing for cepo: epochs (the prompt stream is endless,
+    so Lightning shows ``Epoch 0/-2``) and the logger's version number."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "Rollout steps"
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class RolloutTQDMProgressBar(TQDMProgressBar):
+    """The same for the plain-text progress bar (used where ``rich`` is not installed)."""
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        super().on_train_epoch_start(trainer, *_)
+        self.train_progress_bar.set_description("Rollout steps")
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class _DropLightningTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+def quiet_third_party() -> None:
+    """Silence messages from libraries that say nothing about the user's run: Lightning's advertisement
+    for its cloud logger, transformers' weight-loading progress bars, PEFT's call of a transformers
+    property deprecated in v6, Lightning's own use of a deprecated torch ``LeafSpec``, and its notice that
+    a restored checkpoint's folder differs from the new run's. Warnings from cepo's own code stay."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
+    warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning, restoring a checkpoint into a new run folder (validate, predict): nothing to act on.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" of a small model
+
+
 class CEPOCLI(LightningCLI):
     def __init__(self, *args, trainer_class=CEPOTrainer, **kwargs) -> None:
         # CEPOTrainer adds the `export` subcommand; it is the default however the CLI is built.
@@ -59,6 +108,16 @@ class CEPOCLI(LightningCLI):
         parser.add_lightning_class_args(LatestCheckpoint, "latest_checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction")  # `cepo predict`'s output options
         parser.add_lightning_class_args(MergedExport, "merge")  # --merge.at_fit_end true: merged model
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        # Lightning's default progress bar (the exact class; a user's own stays) -> one that counts rollouts.
+        for i, callback in enumerate(trainer.callbacks):
+            if type(callback) is RichProgressBar:
+                trainer.callbacks[i] = RolloutRichProgressBar()
+            elif type(callback) is TQDMProgressBar:
+                trainer.callbacks[i] = RolloutTQDMProgressBar()
+        return trainer
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -127,6 +186,7 @@ def plain(value: object) -> object:
 
 def main(args: list[str] | None = None) -> CEPOCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_third_party()
     # The config dataclasses document each field in an attribute docstring; show them in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     return CEPOCLI(
@@ -140,6 +200,9 @@ def main(args: list[str] | None = None) -> CEPOCLI:
         trainer_defaults={
             "logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="cepo"),
             "num_sanity_val_steps": 0,
+            # cepo logs every resolved option with the final metrics at the end of fit (_log_hparams);
+            # Lightning's empty start-of-run entry would also make `predict` create a run folder.
+            "enable_autolog_hparams": False,
             "check_val_every_n_epoch": None,
             "max_epochs": -1,
         },

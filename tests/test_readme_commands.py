@@ -36,6 +36,8 @@ OVERRIDE = ("cepo fit --config configs/quickstart.yaml --config configs/rewards/
             "--trainer.callbacks.scorer.num_counterfactuals 2 --trainer.callbacks.network policy "
             "--trainer.callbacks.weight_zx 0.2 --trainer.callbacks.weight_xy 0.1 --trainer.callbacks.weight_zy 0.05")
 CALLBACK_HELP = "cepo fit --trainer.callbacks.help CoherenceRewardCallback"
+SCORER_HELP = ("cepo fit --config configs/quickstart.yaml --config configs/rewards/cepo.yaml "
+               "--trainer.callbacks.scorer.help CoherenceScorer")
 FIT_HELP = "cepo fit --help"
 MODEL_HELP = "cepo fit --model.help GRPO"
 PRINT_CONFIG = "cepo fit --config configs/quickstart.yaml --print_config"
@@ -49,7 +51,7 @@ SMALL = ["--data.prompts_per_step", "4", "--data.eval_batch_size", "8", "--model
 SMALL_FIT = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
 
 # Run by the tests below (the stdin example: its `cepo predict` part, fed the printf line).
-RUN = [FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN.split(" | ")[1], OVERRIDE, CALLBACK_HELP,
+RUN = [FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN.split(" | ")[1], OVERRIDE, CALLBACK_HELP, SCORER_HELP,
        FIT_HELP, MODEL_HELP, PRINT_CONFIG, VALIDATE, TEST, RESUME]
 # Too long for the suite, or needing the hub or a GPU: parsed only.
 PARSED = [
@@ -234,7 +236,7 @@ def run(command: str, *extra: str):
 
 
 def test_the_commands_are_the_readmes():
-    for command in (FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN, OVERRIDE, CALLBACK_HELP):
+    for command in (FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN, OVERRIDE, CALLBACK_HELP, SCORER_HELP):
         assert command in README, command
     for command in (FIT_HELP, MODEL_HELP, PRINT_CONFIG, VALIDATE, TEST, RESUME):
         assert command in readme_commands(), command
@@ -248,6 +250,14 @@ def test_readme_callback_help_lists_the_overridden_options(capsys):
     for option in ("--trainer.callbacks.scorer", "--trainer.callbacks.network", "--trainer.callbacks.weight_zx",
                    "--trainer.callbacks.weight_xy", "--trainer.callbacks.weight_zy"):
         assert option in text, option
+
+
+def test_scorer_help_lists_the_number_of_counterfactuals(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        run(SCORER_HELP)
+    assert exit_info.value.code == 0
+    assert "--scorer.num_counterfactuals" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -55,7 +55,7 @@ class LatestCheckpoint(Callback):
     def _save(self, trainer: Trainer) -> bool:
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.global_step == self._saved_step:
             return False
-        trainer.save_checkpoint(str(self.path(trainer)))
+        trainer.save_checkpoint(str(self.path(trainer)), weights_only=False)  # the full state, to resume
         self._saved_step = trainer.global_step
         return True
 

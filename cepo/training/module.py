@@ -1102,13 +1102,20 @@ class CEPOModule(LightningModule):
         """Write the trained LoRA adapter in PEFT format (``PeftModel.from_pretrained`` loads it) and the
         tokenizer to ``path`` (``fit`` writes ``<log_dir>/adapter``); with a critic also
         ``value_head.safetensors`` and, for ``critic.kind: separate``, the critic adapter in ``critic/``."""
+        from cepo.training.export import model_card, write_adapter_files  # export imports this module's peers
+
         target = Path(path)
         self.policy.save_pretrained(str(target), selected_adapters=["default"])
         self.tokenizer.save_pretrained(str(target))
-        rank_zero_info(f"LoRA adapter written to {target}")
         if self.critic is not None:
             self.critic.export(self.policy, target)
             rank_zero_info(f"value head written to {target}")
+        trainer = self._trainer
+        run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+        card = model_card(self, getattr(trainer, "datamodule", None), trainer.callbacks if trainer else [],
+                          run_dir, self.rollout_step, adapter=True)
+        write_adapter_files(target, self.policy_config.name_or_path, card)
+        rank_zero_info(f"LoRA adapter written to {target}")
 
 
 def _rng_state() -> dict[str, Any]:
