@@ -20,11 +20,11 @@ from cepo.training.checkpointing import LatestCheckpoint
 from cepo.training.export import AdapterCheckpoint, CEPOTrainer, MergedExport
 from cepo.training.module import CEPOModule
 from cepo.training.predict import PredictionWriter
-from cepo.training.run_logging import log_hyperparameters, run_dir
+from cepo.training.loggers import log_hyperparameters, run_dir
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """Writes the resolved ``config.yaml`` into the run's folder (:func:`cepo.training.run_logging.run_dir`,
+    """Writes the resolved ``config.yaml`` into the run's folder (:func:`cepo.training.loggers.run_dir`,
     unique per run for every logger). A ``predict`` whose output goes elsewhere (``--prediction.output``)
     writes nothing, so it leaves no run folder behind."""
 

@@ -10,7 +10,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cepo.training.run_logging import run_dir
+from cepo.training.loggers import run_dir
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 """143: the status a shell reports for a process ended by SIGTERM, which schedulers read as "terminated"."""

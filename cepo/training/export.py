@@ -28,7 +28,7 @@ from torch import Tensor
 
 from cepo.policy.loading import EMBEDDED_PREFIX
 from cepo.training.coherence_callback import CoherenceRewardCallback
-from cepo.training import run_logging
+from cepo.training import loggers
 
 TRAINED_ADAPTER = "default"
 
@@ -239,7 +239,7 @@ class MergedExport(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.at_fit_end:
             return
-        folder = run_logging.run_dir(trainer)  # every rank: the path is broadcast
+        folder = loggers.run_dir(trainer)  # every rank: the path is broadcast
         self.path = Path(self.output_dir) if self.output_dir else folder / "merged"
         self._write(trainer, pl_module, folder)
 

@@ -67,7 +67,7 @@ from cepo.rl.losses import (
 )
 from cepo.rl.reductions import masked_mean, masked_sum, whiten
 from cepo.rollout import Rollout
-from cepo.training import run_logging
+from cepo.training import loggers
 from cepo.training.critic import CRITIC_ADAPTER, Critic, CriticConfig
 from cepo.training.predict import PredictionBatch
 
@@ -931,7 +931,7 @@ class CEPOModule(LightningModule):
     def _log_rollout_tables(self, rollout: Rollout, advantages: torch.Tensor | None) -> None:
         """Every ``log_every_n_steps`` rollouts: histograms of each reward term and of the advantages, and
         the first ``completions_to_log`` completions as a table with every term and the advantage, on each
-        logger that can show them (:mod:`cepo.training.run_logging`)."""
+        logger that can show them (:mod:`cepo.training.loggers`)."""
         every = max(1, self.trainer.log_every_n_steps)
         if self.rollout_step % every or not self.loggers:
             return
@@ -939,11 +939,11 @@ class CEPOModule(LightningModule):
                       for name, values in rollout.rewards.items()}
         if advantages is not None:
             histograms["train/advantage"] = advantages
-        run_logging.log_histograms(self.loggers, histograms, self.rollout_step)
+        loggers.log_histograms(self.loggers, histograms, self.rollout_step)
         if not self.completions_to_log:
             return
         names = list(rollout.rewards)
-        table = run_logging.CompletionsTable(
+        table = loggers.CompletionsTable(
             step=self.rollout_step, text_columns=["prompt", "completion", "answer", "gold"],
             number_columns=names + (["advantage"] if advantages is not None else []), rows=[])
         for i in range(min(self.completions_to_log, len(rollout))):
@@ -952,7 +952,7 @@ class CEPOModule(LightningModule):
             if advantages is not None:
                 numbers.append(float(advantages[i]))
             table.rows.append((texts, numbers))
-        run_logging.log_completions(self.loggers, table)
+        loggers.log_completions(self.loggers, table)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self, stage: str) -> None:
@@ -1015,7 +1015,7 @@ class CEPOModule(LightningModule):
     def run_dir(self) -> Path:
         """The run's log folder. Call on every rank: the path is broadcast, so reading it inside
         rank-zero-only code would leave the other ranks out of a collective and hang DDP."""
-        return run_logging.run_dir(self.trainer)
+        return loggers.run_dir(self.trainer)
 
     @rank_zero_only
     def _report(self, stage: str, results: dict[str, dict[str, float]], run_dir: Path) -> None:

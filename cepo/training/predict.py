@@ -21,7 +21,7 @@ from cepo.answers.matching import answers_match
 from cepo.coherence.scorer import CHANNELS
 from cepo.rollout import Rollout
 from cepo.training.coherence_callback import CoherenceRewardCallback
-from cepo.training.run_logging import run_dir
+from cepo.training.loggers import run_dir
 
 STDOUT = "-"
 
