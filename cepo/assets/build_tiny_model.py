@@ -110,7 +110,7 @@ def train(args) -> tuple[LlamaForCausalLM, object, dict]:
 @torch.no_grad()
 def evaluate(model, tokenizer, n: int, seed: int, cue_rate: float) -> dict[str, dict[str, float]]:
     """Greedy accuracy, cue-copy rate and rationale faithfulness on each evaluation split."""
-    from cepo.evaluation.faithfulness import rationale_value
+    from cepo.answers.conclusion import conclusion_value
     from cepo.answers.matching import answers_match
     from cepo.answers.parsing import AnswerParser
 
@@ -131,7 +131,7 @@ def evaluate(model, tokenizer, n: int, seed: int, cue_rate: float) -> dict[str, 
             parsed = parser(text)
             correct += answers_match(parsed.answer, str(item.answer), "number")
             copied += answers_match(parsed.answer, str(item.cue), "number")
-            derived_right += rationale_value(parsed.rationale) == item.answer
+            derived_right += conclusion_value(parsed.rationale) == item.answer
             sampled_correct += answers_match(parser(sampled).answer, str(item.answer), "number")
         results[split] = {
             "accuracy": correct / n,

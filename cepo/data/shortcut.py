@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from cepo.data.example import Example
+from cepo.records import Example
 
 SPLITS = ("train", "in_distribution", "flipped", "edited")
 

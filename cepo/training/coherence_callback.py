@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import lightning as L
 
 from cepo.coherence.scorer import CHANNELS, CoherenceScorer
+from cepo.records import Rollout
 from cepo.rewards.base import NetworkReward
-from cepo.rollout import Rollout
-
-NETWORKS = ("reference", "policy")
+from cepo.rewards.network import NetworkName, check_network, score_coherence
 
 
 class CoherenceRewardCallback(L.Callback, NetworkReward):
@@ -26,7 +24,7 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
     def __init__(
         self,
         scorer: CoherenceScorer | None = None,
-        network: Literal["reference", "policy"] = "reference",
+        network: NetworkName = "reference",
         weight_zx: float = 0.1,
         weight_xy: float = 0.1,
         weight_zy: float = 0.1,
@@ -48,11 +46,7 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
             score_during_eval: Also score validation/test rollouts (costs one Jacobian pass per batch).
         """
         super().__init__()
-        if network not in NETWORKS:
-            raise ValueError(
-                f"CoherenceRewardCallback: network={network!r} is not supported; use 'reference' (the frozen "
-                "initial policy) or 'policy' (the current policy)"
-            )
+        check_network("CoherenceRewardCallback", network)
         for name, weight in (("weight_zx", weight_zx), ("weight_xy", weight_xy), ("weight_zy", weight_zy)):
             if not weight >= 0:
                 raise ValueError(f"CoherenceRewardCallback: {name} must be >= 0, got {weight}")
@@ -66,21 +60,8 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
         if rollout.stage != "train" and not self.score_during_eval:
             return
         start = time.perf_counter()
-        # Only pl_module attributes are used: under DDP the module the trainer runs may be wrapped.
-        kwargs = dict(
-            tokenizer=pl_module.tokenizer,
-            prompts=rollout.prompts,
-            rationales=rollout.rationales,
-            answers=rollout.answers,
-            step=int(step),
-            # Shuffled prompts perturb the question, not the chat template or instruction around it.
-            prompt_contents=[getattr(example, "question", None) for example in rollout.examples],
-        )
-        if self.network == "reference":
-            with pl_module.reference_model() as net:
-                result = self.scorer.score(net, **kwargs)
-        else:
-            result = self.scorer.score(pl_module.policy, **kwargs)
+        result = score_coherence(pl_module, self.network, self.scorer, rollout.examples, rollout.prompts,
+                                 rollout.rationales, rollout.answers, step)
         for channel in CHANNELS:
             rollout.add_reward(f"coherence_{channel}", getattr(result, channel), self.weights[channel])
         for key, values in result.diagnostics.items():

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import lightning as L
 
 from cepo.coherence.interventional import InterventionalScorer
+from cepo.records import Rollout
 from cepo.rewards.base import NetworkReward
-from cepo.rollout import Rollout
-from cepo.training.coherence_callback import NETWORKS
+from cepo.rewards.network import NetworkName, check_network, score_interventional
 
 
 class InterventionalRewardCallback(L.Callback, NetworkReward):
@@ -26,7 +25,7 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
     def __init__(
         self,
         scorer: InterventionalScorer | None = None,
-        network: Literal["reference", "policy"] = "reference",
+        network: NetworkName = "reference",
         weight_do: float = 0.1,
         weight_med: float = 0.0,
         score_during_eval: bool = False,
@@ -42,10 +41,7 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
             score_during_eval: Also score validation/test rollouts.
         """
         super().__init__()
-        if network not in NETWORKS:
-            raise ValueError(
-                f"InterventionalRewardCallback: network={network!r} is not supported; use 'reference' or 'policy'"
-            )
+        check_network("InterventionalRewardCallback", network)
         for name, weight in (("weight_do", weight_do), ("weight_med", weight_med)):
             if not weight >= 0:
                 raise ValueError(f"InterventionalRewardCallback: {name} must be >= 0, got {weight}")
@@ -61,13 +57,8 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
         if rollout.stage != "train" and not self.score_during_eval:
             return
         start = time.perf_counter()
-        kwargs = dict(tokenizer=pl_module.tokenizer, prompts=rollout.prompts, rationales=rollout.rationales,
-                      answers=rollout.answers, step=int(step))
-        if self.network == "reference":
-            with pl_module.reference_model() as net:
-                result = self.scorer.score(net, **kwargs)
-        else:
-            result = self.scorer.score(pl_module.policy, **kwargs)
+        result = score_interventional(pl_module, self.network, self.scorer, rollout.prompts, rollout.rationales,
+                                      rollout.answers, step)
         rollout.add_reward("coherence_do", result.interventional, self.weights["do"])
         if result.mediation is not None:
             rollout.add_reward("coherence_med", result.mediation, self.weights["med"])
