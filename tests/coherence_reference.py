@@ -1,5 +1,5 @@
-"""A slow, obvious implementation of the coherence reward, written straight from the design reference
-(sections 3 and 4): one sample and one counterfactual sequence at a time, full-vocabulary logits over
+"""A slow, obvious implementation of the coherence reward, written straight from the design notes
+(docs/design.md#jacobians and docs/design.md#counterfactuals): one sample and one counterfactual sequence at a time, full-vocabulary logits over
 every position, loops instead of padding, singular values from ``svdvals``. Tests compare the batched
 scorer against it."""
 

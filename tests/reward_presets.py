@@ -1,4 +1,4 @@
-"""The CE-PO authors' reward settings (design reference, section 5): the table the shipped overlays in
+"""The CE-PO authors' reward settings (docs/design.md#combiner): the table the shipped overlays in
 ``configs/rewards/`` are checked against. Test data, not used by the package."""
 
 # Preset name -> (p, weights in the order accuracy, S_ZX, S_XY, S_ZY).

@@ -29,7 +29,8 @@ else:  # Python 3.10, which requires-python allows: the same parser from its bac
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 FAST_MOVING = {"torch": None, "lightning": None, "transformers": None, "peft": None, "jsonargparse": None,
-               "datasets": "hub", "trl": "bench"}  # package -> extra that declares it (None: core)
+               "datasets": "hub", "trl": "bench", "wandb": "wandb", "mlflow": "mlflow", "mkdocs": "docs",
+               "mkdocs-material": "docs", "mkdocstrings": "docs"}  # package -> extra that declares it (None: core)
 
 
 def requirements(extra: str | None) -> dict[str, Requirement]:
@@ -136,7 +137,8 @@ def test_every_module_the_tests_import_comes_with_the_test_extra():
 
 def test_the_test_extra_holds_the_hub_and_notebook_tools():
     names = set(declared_test_install())
-    expected = {"pytest", "hypothesis", "datasets", "nbclient", "nbformat", "ipykernel", "matplotlib", "pandas", "trl"}
+    expected = {"pytest", "hypothesis", "datasets", "nbclient", "nbformat", "ipykernel", "matplotlib", "pandas", "trl",
+                "wandb", "mlflow", "mkdocs", "mkdocs-material", "mkdocstrings"}
     assert expected <= names
 
 

@@ -23,6 +23,7 @@ def fit_command(save_dir: Path, *extra: str) -> list[str]:
         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(save_dir),
         "--data.prompts_per_step", "4", "--data.eval_batch_size", "8",
         "--model.init_args.group_size", "4", "--model.init_args.micro_batch_size", "8",
+        "--trainer.num_sanity_val_steps", "0",
         "--model.init_args.mini_batch_size", "8",  # two optimiser steps per rollout: optimiser state matters
         "--model.init_args.generation.max_new_tokens", "24", "--model.init_args.optim.lr", "0.01",
         *extra,

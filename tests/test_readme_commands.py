@@ -1,4 +1,4 @@
-"""Every command the README shows is checked. The short ones (predict, export, the coherence override, the
+"""Every command the README and the documentation pages (docs/) show is checked. The short ones (predict, export, the coherence override, the
 help pages, validate / test / resume on a checkpoint) are run as written, with size limits appended (SMALL,
 SMALL_FIT), in a fresh working directory, in the order a user would type them. The long-running ones (full
 training runs, hub models, GPU runs, benchmarks, the experiment grid) are parsed: a ``cepo`` line with
@@ -21,7 +21,8 @@ from cepo.cli import main
 from cepo.training.coherence_callback import CoherenceRewardCallback
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+# The README and every page of the documentation site, as one text.
+README = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))])
 CKPT = "runs/quickstart/version_0/checkpoints/last.ckpt"
 FIT_MERGED = "cepo fit --config configs/quickstart.yaml --merge.at_fit_end true"
 EXPORT = f"cepo export --config configs/quickstart.yaml --ckpt_path {CKPT}"
@@ -35,6 +36,8 @@ OVERRIDE = ("cepo fit --config configs/quickstart.yaml --config configs/rewards/
             "--trainer.callbacks.scorer.num_counterfactuals 2 --trainer.callbacks.network policy "
             "--trainer.callbacks.weight_zx 0.2 --trainer.callbacks.weight_xy 0.1 --trainer.callbacks.weight_zy 0.05")
 CALLBACK_HELP = "cepo fit --trainer.callbacks.help CoherenceRewardCallback"
+SCORER_HELP = ("cepo fit --config configs/quickstart.yaml --config configs/rewards/cepo.yaml "
+               "--trainer.callbacks.scorer.help CoherenceScorer")
 FIT_HELP = "cepo fit --help"
 MODEL_HELP = "cepo fit --model.help GRPO"
 PRINT_CONFIG = "cepo fit --config configs/quickstart.yaml --print_config"
@@ -48,7 +51,7 @@ SMALL = ["--data.prompts_per_step", "4", "--data.eval_batch_size", "8", "--model
 SMALL_FIT = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
 
 # Run by the tests below (the stdin example: its `cepo predict` part, fed the printf line).
-RUN = [FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN.split(" | ")[1], OVERRIDE, CALLBACK_HELP,
+RUN = [FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN.split(" | ")[1], OVERRIDE, CALLBACK_HELP, SCORER_HELP,
        FIT_HELP, MODEL_HELP, PRINT_CONFIG, VALIDATE, TEST, RESUME]
 # Too long for the suite, or needing the hub or a GPU: parsed only.
 PARSED = [
@@ -83,7 +86,31 @@ PARSED = [
     "python benchmarks/trl_compare.py --steps 6 --rounds 2",
     "python benchmarks/logprob_memory.py --tokens 256 --repeats 2",
     "python benchmarks/gpu_step.py",
+    "python benchmarks/gpu_step.py --help",
     "python benchmarks/plot_grid.py --results runs/grid/results.json --out runs/grid/tradeoff.png",
+    # docs/getting-started.md: training from a file (run briefly by tests/test_first_hour.py)
+    "cepo fit --config configs/quickstart.yaml --config examples/own_file.yaml",
+    # docs/logging.md: the loggers (run end to end, offline, by tests/test_loggers.py)
+    "cepo fit --config configs/quickstart.yaml --trainer.logger lightning.pytorch.loggers.CSVLogger "
+    "--trainer.logger.init_args.save_dir runs",
+    "cepo fit --config configs/quickstart.yaml --trainer.logger lightning.pytorch.loggers.WandbLogger "
+    "--trainer.logger.init_args.project cepo",
+    "cepo fit --config configs/quickstart.yaml --trainer.logger lightning.pytorch.loggers.MLFlowLogger "
+    "--trainer.logger.init_args.tracking_uri sqlite:///mlflow.db",
+]
+# The other shell commands of the ```bash blocks: set-up steps (run by .ci/run and a fresh clone), the
+# printf that feeds the stdin example, and Jupyter. Each is checked below: extras exist, the torch pin is
+# the one pyproject allows.
+SETUP = [
+    "python3 -m venv .venv",
+    ". .venv/bin/activate",
+    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu",
+    "pip install -e .",
+    'pip install -e ".[test]"',
+    'pip install -e ".[notebook]" jupyterlab',
+    "python -m pytest -q",
+    "jupyter lab notebooks/analysis.ipynb",
+    PREDICT_STDIN.split(" | ")[0],
 ]
 COMMAND = re.compile(r"(?:cepo [a-z]|python -m cepo(?:\.[\w.]+)?(?: |$)|python benchmarks/).*")
 
@@ -92,18 +119,23 @@ def normalise(command: str) -> str:
     return " ".join(command.split())
 
 
+def shell_parts(readme: str = README) -> set[str]:
+    """Every command of every line of a ```bash block (continuations joined, comments dropped, split at
+    ``&&`` and ``|``)."""
+    found = set()
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#\s.*$", "", line)
+            found |= {normalise(part) for part in re.split(r"\s(?:&&|\|)\s", line) if part.strip()}
+    return found
+
+
 def readme_commands(readme: str = README) -> set[str]:
     """The commands in the README: every ``cepo`` / ``python -m cepo...`` / ``python benchmarks/...`` part of a
     line in a ```bash block (continuations joined, comments dropped, split at ``&&`` and ``|``), and every
     inline `code` span that is such a command with options (or a script), except ``...`` placeholders and
     bare subcommand names in the prose (`cepo fit`)."""
-    found = set()
-    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"(^|\s)#\s.*$", "", line)
-            for part in re.split(r"\s(?:&&|\|)\s", line):
-                if COMMAND.fullmatch(part.strip()):
-                    found.add(normalise(part))
+    found = {part for part in shell_parts(readme) if COMMAND.fullmatch(part)}
     for span in re.findall(r"`([^`\n]+)`", readme):
         if COMMAND.fullmatch(span) and "..." not in span and (not span.startswith("cepo ") or " --" in span):
             found.add(normalise(span))
@@ -116,6 +148,22 @@ def test_every_readme_command_is_run_or_parsed():
     assert not commands - checked, f"README commands neither run nor parsed by a test: {sorted(commands - checked)}"
     assert not checked - commands, f"listed here but no longer in the README: {sorted(checked - commands)}"
     assert len(RUN) + len(PARSED) == len(checked)  # each command in one list only
+
+
+def test_every_other_shell_command_is_a_known_set_up_step():
+    others = {part for part in shell_parts() if not COMMAND.fullmatch(part)}
+    assert others == {normalise(c) for c in SETUP}, f"unchecked shell commands: {sorted(others - set(SETUP))}"
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for command in SETUP:
+        for extras in re.findall(r'-e "\.\[([\w,]+)\]"', command):
+            assert set(extras.split(",")) <= set(project["optional-dependencies"]), command
+        pin = re.search(r"torch==([\d.]+)", command)
+        if pin:
+            from packaging.requirements import Requirement
+
+            torch = next(Requirement(r) for r in project["dependencies"] if r.startswith("torch"))
+            assert torch.specifier.contains(pin.group(1)), command
 
 
 def test_readme_commands_are_found_in_blocks_and_spans():
@@ -144,6 +192,12 @@ def parse_only(command: str, monkeypatch) -> None:
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     monkeypatch.setattr(sys, "path", list(sys.path))
+    if "--help" in words and words[1] != "-m":  # argparse prints the help and exits 0 before anything runs
+        monkeypatch.setattr(sys, "argv", [words[1], *words[2:]])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(ROOT / words[1]), run_name="__main__")
+        assert exit_info.value.code == 0, command
+        return
     with pytest.raises(Parsed):
         if words[1] == "-m":
             monkeypatch.setattr(sys, "argv", [words[2], *words[3:]])
@@ -183,7 +237,7 @@ def run(command: str, *extra: str):
 
 
 def test_the_commands_are_the_readmes():
-    for command in (FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN, OVERRIDE, CALLBACK_HELP):
+    for command in (FIT_MERGED, EXPORT, PREDICT, PREDICT_FILE, PREDICT_STDIN, OVERRIDE, CALLBACK_HELP, SCORER_HELP):
         assert command in README, command
     for command in (FIT_HELP, MODEL_HELP, PRINT_CONFIG, VALIDATE, TEST, RESUME):
         assert command in readme_commands(), command
@@ -197,6 +251,14 @@ def test_readme_callback_help_lists_the_overridden_options(capsys):
     for option in ("--trainer.callbacks.scorer", "--trainer.callbacks.network", "--trainer.callbacks.weight_zx",
                    "--trainer.callbacks.weight_xy", "--trainer.callbacks.weight_zy"):
         assert option in text, option
+
+
+def test_scorer_help_lists_the_number_of_counterfactuals(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        run(SCORER_HELP)
+    assert exit_info.value.code == 0
+    assert "--scorer.num_counterfactuals" in capsys.readouterr().out
 
 
 @pytest.mark.slow

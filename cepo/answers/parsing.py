@@ -1,7 +1,7 @@
 """The one answer parser: split a completion into rationale X and final answer Y.
 
 The accuracy reward, the coherence reward and the evaluation all call :class:`AnswerParser`, so all three
-judge the same Y (DESIGN.md section 2).
+judge the same Y (docs/design.md#segmenting).
 
 Marker kinds, tried in the order given; the first kind that occurs anywhere in the text wins:
 

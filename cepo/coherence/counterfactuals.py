@@ -2,7 +2,7 @@
 
 A generator takes a text and a ``random.Random`` and returns a scrambled variant. Sensitivity that
 survives the scrambling is treated as nuisance and projected out of the Jacobian channels (design
-reference, section 4). Generators are small frozen dataclasses, so a config can name one with
+notes: docs/design.md#counterfactuals). Generators are small frozen dataclasses, so a config can name one with
 ``class_path``/``init_args``, and every draw comes from a seeded generator so a run is reproducible.
 """
 

@@ -5,7 +5,7 @@ matrices with different row counts are zero padded; where a padded row would cha
 unit row counts rows) a boolean row mask ``(..., rows)`` says which rows are real. Zero rows do not change
 Frobenius products, norms or singular values, so every other function is padding safe as it is.
 
-Notation follows the design reference: ``J_ZX`` (|Z| x d) is the gradient of the rationale's
+Notation follows the design notes (docs/design.md#jacobians): ``J_ZX`` (|Z| x d) is the gradient of the rationale's
 log-likelihood with respect to the prompt's input embeddings, ``J_ZYtot`` (|Z| x d) and ``J_XY`` (|X| x d)
 those of the answer's log-likelihood with respect to the prompt and the rationale.
 """
@@ -56,7 +56,7 @@ def direct_effect(
 ) -> Tensor:
     """The direct Z->Y sensitivity: ``J_ZYtot`` minus its part carried through the rationale.
 
-    A one-regressor projection (design reference, section 3)::
+    A one-regressor projection (docs/design.md#jacobians)::
 
         u = mean_i J_XY[i] / (||J_XY[i]|| + 1e-8)          # (d,)
         V = J_ZX * u                                         # each row of J_ZX times u, elementwise
@@ -93,7 +93,7 @@ def project_out(J: Tensor, Jcf: Tensor) -> Tensor:
     """The residual of ``J`` after removing its component along the counterfactual mean ``Jcf``.
 
     ``R = J - (<J, Jcf>_F / (||Jcf||_F^2 + 1e-12)) Jcf``, and ``R = J`` where ``||Jcf||_F^2 <= 1e-12``
-    (design reference, section 4). Shapes ``(..., rows, d)``, broadcastable.
+    (docs/design.md#counterfactuals). Shapes ``(..., rows, d)``, broadcastable.
     """
     cf_sq = frobenius_sq(Jcf)
     coef = frobenius_inner(J, Jcf) / (cf_sq + PROJECT_EPS)

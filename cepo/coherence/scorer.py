@@ -5,8 +5,8 @@ shuffled prompts and K shuffled rationales), runs them through the model in padd
 forward and two vector-Jacobian products per micro-batch (the shuffled rationales run only their suffix
 ``[X~] <eos> [Y]`` after a cached prompt prefix, with one VJP), and turns the gradients of the segment
 log-likelihoods with respect to the input embeddings into three channel scores ``S_ZX``, ``S_XY`` and
-``S_ZY`` (direct) in [floor, 1]. The arithmetic is in :mod:`cepo.coherence.math`; the design reference,
-sections 3 and 4, gives the formulas.
+``S_ZY`` (direct) in [floor, 1]. The arithmetic is in :mod:`cepo.coherence.math`; the design notes give the
+formulas (docs/design.md#jacobians and docs/design.md#counterfactuals).
 """
 
 from __future__ import annotations

@@ -52,17 +52,19 @@ def checked_gold(example: Example) -> Example:
     return example
 
 
-def _field(row: Mapping[str, Any], name: str, defaults: Sequence[str], what: str) -> str:
+def _field(row: Mapping[str, Any], name: str, defaults: Sequence[str], what: str, verbatim: bool = False) -> str:
+    """The field's text, stripped (or as written with ``verbatim``); a missing, blank or non-text field is
+    a row problem naming the field."""
     names = defaults if name == defaults[0] else (name,)
     for key in names:
         if key in row and row[key] is not None:
             value = row[key]
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise _RowProblem(f"field {key!r} ({what}) must be text, got {type(value).__name__}")
-            text = str(value).strip()
-            if not text:
+            text = str(value)
+            if not text.strip():
                 raise _RowProblem(f"empty {what} in field {key!r}")
-            return text
+            return text if verbatim else text.strip()
     raise _RowProblem(f"missing {what} field {name!r}")
 
 
@@ -100,8 +102,9 @@ class Row:
         """Non-empty text of field ``name`` (or, when ``name`` is ``aliases[0]``, of the first alias present)."""
         return _field(self.fields, name, tuple(aliases) or (name,), what or name)
 
-    def question(self) -> str:
-        return _field(self.fields, self.question_field, _QUESTION_ALIASES, "question")
+    def question(self, verbatim: bool = False) -> str:
+        """The question, stripped; ``verbatim`` keeps its text as written (a raw prompt's trailing newline)."""
+        return _field(self.fields, self.question_field, _QUESTION_ALIASES, "question", verbatim)
 
     def answer(self) -> str:
         return _field(self.fields, self.answer_field, _ANSWER_ALIASES, "answer")
@@ -216,8 +219,10 @@ def _yes_no_gold(answer: str) -> str | None:
 
 @register_adapter("generic", family="open")
 def generic_adapter(row: Row) -> Example:
-    """Any rows with a question and an answer field; alternatives are not split; kind ``auto``."""
-    return row.example(row.question(), (row.answer(),), "auto")
+    """Any rows with a question and an answer field; alternatives are not split; kind ``auto``. The
+    question is kept as written, so a ``raw`` prompt template gets it verbatim (trailing newline included;
+    the other templates strip it)."""
+    return row.example(row.question(verbatim=True), (row.answer(),), "auto")
 
 
 @register_adapter("gsm8k", family="math")

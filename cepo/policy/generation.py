@@ -168,7 +168,7 @@ def sampling_config(*, max_new_tokens: int, temperature: float, top_p: float = 1
         "do_sample": sampling,
         "temperature": float(temperature) if sampling else 1.0,
         "top_p": float(top_p) if sampling else 1.0,
-        "top_k": int(top_k) if sampling else 0,
+        "top_k": int(top_k) if sampling else None,  # greedy: unset (transformers flags any value as invalid)
         "max_new_tokens": max_new_tokens,
         "max_length": None,
         "use_cache": True,

@@ -64,6 +64,18 @@ class PolicyConfig:
     dropout (``lora.dropout``) is not affected."""
 
 
+EMBEDDED_PROMPT_ENDINGS = {"tiny-shortcut-llama": "\n"}
+"""How the prompts an embedded model was trained on end (``Q: 7+5-3 hint: 9`` then a newline): a prompt
+that ends otherwise makes the model continue the line instead of answering."""
+
+
+def expected_prompt_ending(name_or_path: str) -> str | None:
+    """The ending an embedded model's raw prompts need, or None (any other model: no convention known)."""
+    if not name_or_path.startswith(EMBEDDED_PREFIX):
+        return None
+    return EMBEDDED_PROMPT_ENDINGS.get(name_or_path[len(EMBEDDED_PREFIX):])
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Map ``embedded:NAME`` to the packaged folder and ``config:FOLDER`` to ``FOLDER``; leave hub ids and
     paths unchanged."""

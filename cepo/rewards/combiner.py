@@ -2,7 +2,7 @@
 
 ``R = (sum_i w_i v_i^p)^(1/p)`` over the signals ``v = (accuracy, S_ZX, S_XY, S_ZY)``. The exponent p is
 the one knob trading accuracy against coherence: p < 1 is concave, so a high coherence score cannot buy
-back a wrong answer (design reference, section 5).
+back a wrong answer (docs/design.md#combiner).
 """
 
 from __future__ import annotations

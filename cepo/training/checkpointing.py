@@ -29,6 +29,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cepo.training.loggers import run_dir
+
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 """143: the status a shell reports for a process ended by SIGTERM, which schedulers read as "terminated"."""
 
@@ -163,14 +165,14 @@ class LatestCheckpoint(Callback):
 
     def path(self, trainer: Trainer) -> Path:
         callback = trainer.checkpoint_callback
-        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(
-            trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-        return folder / self.filename
+        if callback is not None and callback.dirpath:
+            return Path(callback.dirpath) / self.filename
+        return run_dir(trainer) / "checkpoints" / self.filename
 
     def _save(self, trainer: Trainer) -> bool:
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.global_step == self._saved_step:
             return False
-        trainer.save_checkpoint(str(self.path(trainer)))
+        trainer.save_checkpoint(str(self.path(trainer)), weights_only=False)  # the full state, to resume
         self._saved_step = trainer.global_step
         return True
 

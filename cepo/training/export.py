@@ -14,6 +14,7 @@ peft.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from torch import Tensor
 
 from cepo.training.checkpoint_meta import check_checkpoint_file
 from cepo.training.checkpointing import AtomicCheckpointIO, atomic_folder
+from cepo.policy.loading import EMBEDDED_PREFIX
 from cepo.training.coherence_callback import CoherenceRewardCallback
+from cepo.training import loggers
 
 TRAINED_ADAPTER = "default"
 
@@ -70,6 +73,7 @@ def save_merged(policy, tokenizer, output_dir: str | Path, card: str) -> Path:
             (staging / "README.md").write_text(card)
     finally:
         base.config.use_cache = use_cache
+    normal_permissions(target)
     return target
 
 
@@ -116,13 +120,22 @@ def validation_rows(run_dir: Path, rollout_step: int | None = None) -> tuple[int
 
 
 def model_card(module: LightningModule, datamodule, callbacks: list, run_dir: Path | None,
-               rollout_step: int) -> str:
-    """A short README: base model, data, reward, and the validation metrics of the exported weights."""
+               rollout_step: int, adapter: bool = False) -> str:
+    """A short README: what the weights are and how to load them, base model, data, reward, and the
+    validation metrics of these weights. ``adapter``: the card of a LoRA adapter folder, not of a merged
+    model."""
     config = module.policy_config
-    lines = ["---", "library_name: transformers", f"tags: [cepo, {module.algorithm}, lora-merged]", "---", "",
-             f"# {config.name_or_path} fine-tuned with cepo ({module.algorithm.upper()})", "",
-             "LoRA adapter merged into the base weights; loads with "
-             "`AutoModelForCausalLM.from_pretrained(<this folder>)`.", "",
+    if adapter:
+        header = ["---", "library_name: peft", f"base_model: {config.name_or_path}",
+                  f"tags: [cepo, {module.algorithm}, lora]", "---", "",
+                  f"# LoRA adapter for {config.name_or_path}, trained with cepo ({module.algorithm.upper()})", "",
+                  *adapter_loading(config.name_or_path), ""]
+    else:
+        header = ["---", "library_name: transformers", f"tags: [cepo, {module.algorithm}, lora-merged]", "---", "",
+                  f"# {config.name_or_path} fine-tuned with cepo ({module.algorithm.upper()})", "",
+                  "LoRA adapter merged into the base weights; loads with "
+                  "`AutoModelForCausalLM.from_pretrained(<this folder>)`.", ""]
+    lines = [*header,
              f"- base model: `{config.name_or_path}`" + (f" (started from adapter `{config.adapter_path}`)"
                                                        if config.adapter_path else ""),
              f"- algorithm: {module.algorithm}, trained for {rollout_step} rollout steps",
@@ -143,6 +156,46 @@ def model_card(module: LightningModule, datamodule, callbacks: list, run_dir: Pa
             cells = [_cell(k, row.get(k, "")) for k in keys]
             lines.append(f"| {row['dataset']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def adapter_loading(name_or_path: str) -> list[str]:
+    """How to load an adapter folder trained on ``name_or_path``, with cepo and with plain PEFT."""
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        base = f"AutoModelForCausalLM.from_pretrained(resolve_model_path({name_or_path!r}))"
+        imports = "from cepo.policy.loading import resolve_model_path  # the model ships inside cepo\n"
+    else:
+        base = f"AutoModelForCausalLM.from_pretrained({name_or_path!r})"
+        imports = ""
+    return [
+        "Load it with cepo (`--model.init_args.policy.adapter_path <this folder>` on `cepo predict`, "
+        "`validate` or `fit` with the config it was trained with), or with PEFT:", "",
+        "```python", f"{imports}from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f"model = PeftModel.from_pretrained({base}, \"<this folder>\")",
+        "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")", "```",
+    ]
+
+
+def write_adapter_files(folder: str | Path, name_or_path: str, card: str) -> None:
+    """Finish an adapter folder written by ``PeftModel.save_pretrained``: the base model recorded as it was
+    configured (``embedded:NAME``, a hub id), not the local folder it was loaded from, so the folder is
+    portable; this card in place of PEFT's empty template; and files readable like any other output."""
+    folder = Path(folder)
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = name_or_path
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "README.md").write_text(card)
+    normal_permissions(folder)
+
+
+def normal_permissions(folder: str | Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open(..., "w")`` would (0644 under the usual
+    umask 022): some writers create files 0600 through a temporary file and a rename."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _cell(key: str, value: Any) -> str:
@@ -191,9 +244,9 @@ class MergedExport(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.at_fit_end:
             return
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir broadcasts
-        self.path = Path(self.output_dir) if self.output_dir else run_dir / "merged"
-        self._write(trainer, pl_module, run_dir)
+        folder = loggers.run_dir(trainer)  # every rank: the path is broadcast
+        self.path = Path(self.output_dir) if self.output_dir else folder / "merged"
+        self._write(trainer, pl_module, folder)
 
     @rank_zero_only
     def _write(self, trainer: Trainer, pl_module: LightningModule, run_dir: Path) -> None:
@@ -205,12 +258,24 @@ class MergedExport(Callback):
 class CEPOTrainer(Trainer):
     """Lightning's Trainer with one more entry point, ``export`` (the ``cepo export`` subcommand), and
     checkpoint files written atomically in their own folder (:class:`AtomicCheckpointIO`) unless a
-    strategy or plugin brings its own writer."""
+    strategy or plugin brings its own writer, and ``validate``/``test`` that leave the results table to
+    cepo (one table, not one per dataset)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if type(self.strategy.checkpoint_io) is TorchCheckpointIO:
             self.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def validate(self, model: LightningModule | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
+                 verbose: bool = False, datamodule=None, weights_only: bool | None = None):
+        """Lightning's ``validate``; ``verbose`` (Lightning's per-dataloader metric tables) is off by default
+        because cepo prints one table of every dataset and metric."""
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+
+    def test(self, model: LightningModule | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
+             verbose: bool = False, datamodule=None, weights_only: bool | None = None):
+        """Lightning's ``test``; ``verbose`` is off by default, as for ``validate``."""
+        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def export(self, model: LightningModule, datamodule=None, ckpt_path: str | None = None,
                output_dir: str | None = None) -> Path:

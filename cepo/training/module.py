@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from lightning import LightningModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from cepo.answers import AnswerParser, resolve_markers
 from cepo.data.datamodule import PromptBatch
@@ -46,7 +46,13 @@ from cepo.policy.generation import (
     visible_prompts,
     warn_prompts_cut,
 )
-from cepo.policy.loading import REFERENCE_ADAPTER, PolicyConfig, load_policy, load_tokenizer
+from cepo.policy.loading import (
+    REFERENCE_ADAPTER,
+    PolicyConfig,
+    expected_prompt_ending,
+    load_policy,
+    load_tokenizer,
+)
 from cepo.policy.logprobs import batched_logprobs, completion_logprobs, micro_batches
 from cepo.records import Rollout
 from cepo.rewards.base import AccuracyReward, NetworkReward, RewardFunction, check_reward_values
@@ -134,7 +140,7 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
                 Rewards that need the network (``NetworkReward``, e.g. ``CoherenceRewardCallback``) are
                 trainer callbacks and add more terms. Default: accuracy only. An overlay config adds to
                 this list with ``rewards+:`` (a plain ``rewards:`` replaces it).
-            reward_p: Exponent p of the weighted power mean that fuses the terms (DESIGN §5): 1 =
+            reward_p: Exponent p of the weighted power mean that fuses the terms (docs/design.md#combiner): 1 =
                 weighted mean, 0 = geometric mean, < 1 concave (coherence cannot buy back a wrong answer).
             reward_weights: Weight overrides by term name (``{accuracy: 0.7}``), applied to every term,
                 whichever reward attached it; lets an overlay re-weight terms without replacing the list.
@@ -148,7 +154,8 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
             micro_batch_size: Completions per forward/backward pass (gradient accumulation inside a
                 mini-batch; also the chunk size of the no-grad log-prob passes).
             num_iterations: Passes over each rollout (mu in GRPO, PPO epochs), reusing stored old log-probs.
-            completions_to_log: Completions written to TensorBoard as text per logged step (0 = none).
+            completions_to_log: Completions logged per logged step as a table with every reward term and the
+                advantage (TensorBoard text, W&B table, MLflow artifact, CSV logger's ``completions.jsonl``; 0 = none).
             eval_num_samples: Completions per prompt in validation/test. 1 with ``eval_temperature`` 0 is
                 greedy pass@1; n > 1 (needs ``generation.eval_temperature`` > 0) reports ``accuracy`` as
                 the mean over n samples and ``pass_at_n`` as the fraction of prompts with any right one.
@@ -175,6 +182,7 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
         self.micro_batch_size = micro_batch_size
         self.num_iterations = num_iterations
         self.completions_to_log = completions_to_log
+        self._prompt_ending_warned: set[str] = set()  # datasets already warned about (render_prompts)
         self.eval_num_samples = eval_num_samples
         self.reward_stall_steps = reward_stall_steps
         self.constant_reward = ConstantRewardMonitor(reward_stall_steps)
@@ -282,7 +290,7 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
 
     # ------------------------------------------------------------------ rollouts
     def render_prompts(self, examples) -> list[str]:
-        return [
+        prompts = [
             render_prompt(
                 ex, family=None if self.prompt.template == "auto" else self.prompt.template,
                 tokenizer=self.tokenizer, use_chat_template=self.prompt.use_chat_template,
@@ -290,6 +298,27 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
             )
             for ex in examples
         ]
+        self._check_prompt_endings(examples, prompts)
+        return prompts
+
+    def _check_prompt_endings(self, examples, prompts: list[str]) -> None:
+        """Warn once per dataset when an embedded model gets prompts that do not end as the ones it was
+        trained on: it then continues the line instead of answering, and scores near 0 without an error.
+        The prompts are not edited: a raw template promises the question as written."""
+        ending = expected_prompt_ending(self.policy_config.name_or_path)
+        if not ending:
+            return
+        for source in {ex.source for ex in examples} - self._prompt_ending_warned:
+            bad = [p for ex, p in zip(examples, prompts) if ex.source == source and not p.endswith(ending)]
+            if bad:
+                self._prompt_ending_warned.add(source)
+                rank_zero_warn(
+                    f"{len(bad)} of {sum(ex.source == source for ex in examples)} prompts from {source!r} do not end "
+                    f"with {ending!r}, as the prompts {self.policy_config.name_or_path} was trained on do "
+                    f"(e.g. {bad[0][-40:]!r}); it will continue the line instead of answering. End each "
+                    f"question with {ending!r} (in JSONL: \"question\": \"Q: 7+5-3 hint: 9\\n\") and keep "
+                    "model.prompt.template raw."
+                )
 
     def make_rollout(self, batch: PromptBatch, stage: str) -> Rollout:
         """Generate completions for the batch's prompts and parse them into X and Y."""
@@ -598,15 +627,22 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
         ``value_head.safetensors`` and, for ``critic.kind: separate``, the critic adapter in ``critic/``.
         The folder is written as one step (:func:`~cepo.training.checkpointing.atomic_folder`): a kill
         leaves the previous folder or the new one, never a mix."""
+        from cepo.training.export import model_card, write_adapter_files  # export imports this module's peers
+
         target = Path(path)
+        trainer = self._trainer
+        run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+        card = model_card(self, getattr(trainer, "datamodule", None), trainer.callbacks if trainer else [],
+                          run_dir, self.rollout_step, adapter=True)
         with atomic_folder(target) as staging:
             self.policy.save_pretrained(str(staging), selected_adapters=["default"])
             self.tokenizer.save_pretrained(str(staging))
             if self.critic is not None:
                 self.critic.export(self.policy, staging)
-        rank_zero_info(f"LoRA adapter written to {target}")
+            write_adapter_files(staging, self.policy_config.name_or_path, card)
         if self.critic is not None:
             rank_zero_info(f"value head written to {target}")
+        rank_zero_info(f"LoRA adapter written to {target}")
 
 
 class GRPO(CEPOModule):

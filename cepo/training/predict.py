@@ -22,6 +22,7 @@ from cepo.coherence.scorer import CHANNELS
 from cepo.records import Rollout
 from cepo.rewards.network import score_coherence
 from cepo.training.coherence_callback import CoherenceRewardCallback
+from cepo.training.loggers import run_dir
 
 STDOUT = "-"
 
@@ -110,7 +111,7 @@ class PredictionWriter(Callback):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.written = 0
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir broadcasts
+        log_dir = run_dir(trainer)  # every rank: the path is broadcast
         if self.output == STDOUT:
             self.path, self._handle = None, sys.stdout
         else:

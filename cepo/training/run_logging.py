@@ -1,4 +1,4 @@
-"""What a run writes about itself: per-rollout statistics, histograms and completion tables to the logger,
+"""What a run writes about itself: per-rollout statistics, histograms and completion tables to each logger (through :mod:`cepo.training.loggers`),
 and each evaluation's metrics to the logger, the console and ``<log_dir>/<stage>_results.jsonl``.
 
 :class:`RunLogging` is a mixin of :class:`~cepo.training.module.CEPOModule`; it reads the module's rollout
@@ -17,6 +17,7 @@ from cepo.evaluation.metrics import EvalMetrics, format_table
 from cepo.records import Rollout
 from cepo.rl.advantages import zero_std_fraction
 from cepo.rl.reductions import masked_mean
+from cepo.training import loggers
 
 
 class RunLogging:
@@ -73,33 +74,29 @@ class RunLogging:
     @rank_zero_only
     def _log_rollout_tables(self, rollout: Rollout, advantages: torch.Tensor | None) -> None:
         """Every ``log_every_n_steps`` rollouts: histograms of each reward term and of the advantages, and
-        the first ``completions_to_log`` completions as a text table with every term and the advantage."""
+        the first ``completions_to_log`` completions as a table with every term and the advantage, on each
+        logger that can show them (:mod:`cepo.training.loggers`)."""
         every = max(1, self.trainer.log_every_n_steps)
-        if self.rollout_step % every:
+        if self.rollout_step % every or not self.loggers:
             return
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None:
-            return
-        if hasattr(experiment, "add_histogram"):
-            for name, values in rollout.rewards.items():
-                experiment.add_histogram(f"train/{'reward' if name == 'reward' else 'rewards/' + name}",
-                                         values.float(), global_step=self.rollout_step)
-            if advantages is not None:
-                experiment.add_histogram("train/advantage", advantages, global_step=self.rollout_step)
-        if not self.completions_to_log or not hasattr(experiment, "add_text"):
+        histograms = {f"train/{'reward' if name == 'reward' else 'rewards/' + name}": values
+                      for name, values in rollout.rewards.items()}
+        if advantages is not None:
+            histograms["train/advantage"] = advantages
+        loggers.log_histograms(self.loggers, histograms, self.rollout_step)
+        if not self.completions_to_log:
             return
         names = list(rollout.rewards)
-        columns = names + (["advantage"] if advantages is not None else [])
-        header = "| prompt | completion | answer | gold | " + " | ".join(columns) + " |"
-        lines = [header, "|" + "---|" * (4 + len(columns))]
+        table = loggers.CompletionsTable(
+            step=self.rollout_step, text_columns=["prompt", "completion", "answer", "gold"],
+            number_columns=names + (["advantage"] if advantages is not None else []), rows=[])
         for i in range(min(self.completions_to_log, len(rollout))):
-            cells = [rollout.prompts[i], rollout.completions[i], rollout.answers[i], " / ".join(rollout.examples[i].gold)]
-            cells = [c.replace("|", "\\|").replace("\n", "⏎")[-300:] for c in cells]
-            cells += [f"{float(rollout.rewards[n][i]):.3f}" for n in names]
+            texts = [rollout.prompts[i], rollout.completions[i], rollout.answers[i], " / ".join(rollout.examples[i].gold)]
+            numbers = [float(rollout.rewards[n][i]) for n in names]
             if advantages is not None:
-                cells.append(f"{float(advantages[i]):+.3f}")
-            lines.append("| " + " | ".join(cells) + " |")
-        experiment.add_text("completions", "\n".join(lines), global_step=self.rollout_step)
+                numbers.append(float(advantages[i]))
+            table.rows.append((texts, numbers))
+        loggers.log_completions(self.loggers, table)
 
     # ------------------------------------------------------------------ evaluation results
     def _eval_start(self, stage: str) -> None:
@@ -126,18 +123,29 @@ class RunLogging:
         if results:
             accuracies = [v["accuracy"] for v in results.values() if "accuracy" in v]
             flat[f"{stage}/accuracy"] = sum(accuracies) / len(accuracies)
-        for key, value in flat.items():
-            self.log(key, value, sync_dist=False, add_dataloader_idx=False)
-        if not self.trainer.sanity_checking:
-            self._report(stage, results, self.run_dir())
-            if stage == "val":
-                self.last_val_metrics = {key: float(value) for key, value in flat.items()}
+        if self.trainer.sanity_checking:
+            # `trainer.num_sanity_val_steps: -1` runs every validation batch before the first rollout:
+            # that pass is the step-0 validation (what training starts from). Lightning drops what is
+            # self.log-ged while sanity checking, so it goes to the loggers directly. A partial check, or
+            # the one a resumed run makes, is only a check.
+            if self.trainer.num_sanity_val_steps != float("inf") or self.rollout_step != 0:
+                return results
+            if self.trainer.is_global_zero:
+                for logger in self.loggers:
+                    logger.log_metrics({key: float(value) for key, value in flat.items()}, step=0)
+        else:
+            for key, value in flat.items():
+                self.log(key, value, sync_dist=False, add_dataloader_idx=False)
+        self._report(stage, results, self.run_dir())
+        if stage == "val":
+            self.last_val_metrics = {key: float(value) for key, value in flat.items()}
         return results
 
     def run_dir(self) -> Path:
-        """The run's log folder. Call on every rank: ``trainer.log_dir`` broadcasts, so reading it inside
-        rank-zero-only code would leave the other ranks out of a collective and hang DDP."""
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """The run's log folder (:func:`cepo.training.loggers.run_dir`). Call on every rank: the path is
+        broadcast, so reading it inside rank-zero-only code would leave the other ranks out of a collective
+        and hang DDP."""
+        return loggers.run_dir(self.trainer)
 
     @rank_zero_only
     def _report(self, stage: str, results: dict[str, dict[str, float]], run_dir: Path) -> None:

@@ -10,7 +10,7 @@ QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 def small_run_args(tmp_path: Path, *extra: str, configs: tuple[str, ...] = ()) -> list[str]:
     """The quickstart, then ``configs`` (overlays), shrunk to 2 rollouts of 4 prompts x 4 samples with one
-    validation batch at step 2, logging every step into ``tmp_path/runs``; ``extra`` options come last
+    validation batch at step 2 (none at step 0), logging every step into ``tmp_path/runs``; ``extra`` options come last
     and so override any of these."""
     overlays = [arg for config in configs for arg in ("--config", str(config))]
     return [
@@ -18,6 +18,7 @@ def small_run_args(tmp_path: Path, *extra: str, configs: tuple[str, ...] = ()) -
         "--trainer.max_steps", "2",
         "--trainer.val_check_interval", "2",
         "--trainer.limit_val_batches", "1",
+        "--trainer.num_sanity_val_steps", "0",
         "--trainer.limit_predict_batches", "1",
         "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false",
