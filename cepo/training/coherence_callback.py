@@ -11,7 +11,7 @@ from cepo.coherence.scorer import CHANNELS, CoherenceScorer
 from cepo.rewards.base import NetworkReward
 from cepo.rollout import Rollout
 
-NETWORKS = ("reference", "policy")
+from cepo.training.scoring_network import NETWORKS, LaggedPolicy, check_network, scoring_network  # noqa: F401
 
 
 class CoherenceRewardCallback(L.Callback, NetworkReward):
@@ -26,11 +26,12 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
     def __init__(
         self,
         scorer: CoherenceScorer | None = None,
-        network: Literal["reference", "policy"] = "reference",
+        network: Literal["reference", "policy", "lagged"] = "reference",
         weight_zx: float = 0.1,
         weight_xy: float = 0.1,
         weight_zy: float = 0.1,
         score_during_eval: bool = False,
+        lag_steps: int = 10,
     ) -> None:
         """
         Args:
@@ -38,7 +39,9 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
                 caps, floor, hardened or naive). Default: ``CoherenceScorer()``, K = 4 word shuffles.
             network: Which network's gradients are scored: ``"reference"`` (the frozen initial policy,
                 the authors' choice: the LoRA policy with its adapter disabled, or a frozen starting
-                adapter) or ``"policy"`` (the current policy).
+                adapter), ``"policy"`` (the current policy) or ``"lagged"`` (the policy as it was at the
+                last refresh, every ``lag_steps`` rollout steps: a guard against the policy gaming its
+                own score; see :mod:`cepo.training.scoring_network`).
             weight_zx: Combiner weight of S_ZX, the rationale's dependence on the prompt (0 = logged
                 only).
             weight_xy: Combiner weight of S_XY, the answer's dependence on the rationale (0 = logged
@@ -48,16 +51,13 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
             score_during_eval: Also score validation/test rollouts (costs one Jacobian pass per batch).
         """
         super().__init__()
-        if network not in NETWORKS:
-            raise ValueError(
-                f"CoherenceRewardCallback: network={network!r} is not supported; use 'reference' (the frozen "
-                "initial policy) or 'policy' (the current policy)"
-            )
+        check_network("CoherenceRewardCallback", network, lag_steps)
         for name, weight in (("weight_zx", weight_zx), ("weight_xy", weight_xy), ("weight_zy", weight_zy)):
             if not weight >= 0:
                 raise ValueError(f"CoherenceRewardCallback: {name} must be >= 0, got {weight}")
         self.scorer = scorer if scorer is not None else CoherenceScorer()
         self.network = network
+        self.lagged = LaggedPolicy(lag_steps) if network == "lagged" else None
         self.weights = {"zx": float(weight_zx), "xy": float(weight_xy), "zy": float(weight_zy)}
         self.score_during_eval = score_during_eval
 
@@ -76,14 +76,19 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
             # Shuffled prompts perturb the question, not the chat template or instruction around it.
             prompt_contents=[getattr(example, "question", None) for example in rollout.examples],
         )
-        if self.network == "reference":
-            with pl_module.reference_model() as net:
-                result = self.scorer.score(net, **kwargs)
-        else:
-            result = self.scorer.score(pl_module.policy, **kwargs)
+        with scoring_network(pl_module, self.network, self.lagged, int(step)) as net:
+            result = self.scorer.score(net, **kwargs)
         for channel in CHANNELS:
             rollout.add_reward(f"coherence_{channel}", getattr(result, channel), self.weights[channel])
         for key, values in result.diagnostics.items():
             if values.numel():
                 rollout.stats[f"coherence/{key}"] = float(values.float().mean())
         rollout.stats["time/coherence_s"] = time.perf_counter() - start
+
+    def state_dict(self) -> dict:
+        """The lagged copy (``network: lagged``), so a resumed run scores with the same weights."""
+        return {"lagged": self.lagged.state_dict()} if self.lagged is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.lagged is not None and "lagged" in state_dict:
+            self.lagged.load_state_dict(state_dict["lagged"])

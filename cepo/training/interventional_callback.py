@@ -10,7 +10,7 @@ import lightning as L
 from cepo.coherence.interventional import InterventionalScorer
 from cepo.rewards.base import NetworkReward
 from cepo.rollout import Rollout
-from cepo.training.coherence_callback import NETWORKS
+from cepo.training.scoring_network import LaggedPolicy, check_network, scoring_network
 
 
 class InterventionalRewardCallback(L.Callback, NetworkReward):
@@ -26,26 +26,27 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
     def __init__(
         self,
         scorer: InterventionalScorer | None = None,
-        network: Literal["reference", "policy"] = "reference",
+        network: Literal["reference", "policy", "lagged"] = "reference",
         weight_do: float = 0.1,
         weight_med: float = 0.0,
         score_during_eval: bool = False,
+        lag_steps: int = 10,
     ) -> None:
         """
         Args:
             scorer: The interventional scorer (number and kind of rationale edits, mediation on/off, caps,
                 floor). Default: ``InterventionalScorer()``, K = 2 conclusion edits, mediation on.
-            network: Which network scores: ``"reference"`` (the frozen initial policy) or ``"policy"``.
+            network: Which network scores: ``"reference"`` (the frozen initial policy), ``"policy"`` or
+                ``"lagged"`` (the policy as it was at the last refresh, every ``lag_steps`` rollout steps;
+                see :mod:`cepo.training.scoring_network`).
             weight_do: Combiner weight of S_do (0 = logged only).
             weight_med: Combiner weight of S_med (0 = logged only; ignored when the scorer has
                 ``mediation: false``).
             score_during_eval: Also score validation/test rollouts.
+            lag_steps: Rollout steps between refreshes of the lagged copy (``network: lagged`` only).
         """
         super().__init__()
-        if network not in NETWORKS:
-            raise ValueError(
-                f"InterventionalRewardCallback: network={network!r} is not supported; use 'reference' or 'policy'"
-            )
+        check_network("InterventionalRewardCallback", network, lag_steps)
         for name, weight in (("weight_do", weight_do), ("weight_med", weight_med)):
             if not weight >= 0:
                 raise ValueError(f"InterventionalRewardCallback: {name} must be >= 0, got {weight}")
@@ -53,6 +54,7 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
         if weight_med > 0 and not self.scorer.mediation:
             raise ValueError("InterventionalRewardCallback: weight_med > 0 needs scorer.mediation: true")
         self.network = network
+        self.lagged = LaggedPolicy(lag_steps) if network == "lagged" else None
         self.weights = {"do": float(weight_do), "med": float(weight_med)}
         self.score_during_eval = score_during_eval
 
@@ -63,11 +65,8 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
         start = time.perf_counter()
         kwargs = dict(tokenizer=pl_module.tokenizer, prompts=rollout.prompts, rationales=rollout.rationales,
                       answers=rollout.answers, step=int(step))
-        if self.network == "reference":
-            with pl_module.reference_model() as net:
-                result = self.scorer.score(net, **kwargs)
-        else:
-            result = self.scorer.score(pl_module.policy, **kwargs)
+        with scoring_network(pl_module, self.network, self.lagged, int(step)) as net:
+            result = self.scorer.score(net, **kwargs)
         rollout.add_reward("coherence_do", result.interventional, self.weights["do"])
         if result.mediation is not None:
             rollout.add_reward("coherence_med", result.mediation, self.weights["med"])
@@ -75,3 +74,11 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
             if values.numel():
                 rollout.stats[f"interventional/{key}"] = float(values.float().mean())
         rollout.stats["time/interventional_s"] = time.perf_counter() - start
+
+    def state_dict(self) -> dict:
+        """The lagged copy (``network: lagged``), so a resumed run scores with the same weights."""
+        return {"lagged": self.lagged.state_dict()} if self.lagged is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.lagged is not None and "lagged" in state_dict:
+            self.lagged.load_state_dict(state_dict["lagged"])
