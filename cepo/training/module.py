@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from cepo.answers import AnswerParser, resolve_markers
 from cepo.data.datamodule import PromptBatch
 from cepo.data.prompts import FAMILIES, render_prompt
-from cepo.evaluation.metrics import EvalMetrics, format_table
+from cepo.evaluation.metrics import EvalMetrics, format_table, rollout_faithfulness
 from cepo.policy.generation import GenerationConfig, generate_completions
 from cepo.policy.loading import REFERENCE_ADAPTER, PolicyConfig, load_policy, load_tokenizer
 from cepo.policy.logprobs import batched_logprobs, completion_logprobs, micro_batches
@@ -874,6 +874,7 @@ class CEPOModule(LightningModule):
         metrics["kl_coef"] = float(self.kl_controller.value)
         metrics.update({k: float(v) for k, v in rollout.stats.items()})
         metrics.update({k: float(v) for k, v in stats.items()})
+        metrics.update({f"rollouts/{k}": v for k, v in rollout_faithfulness(rollout).items()})
         values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
             values = self.trainer.strategy.reduce(values, reduce_op="mean")
