@@ -101,3 +101,24 @@ def test_every_arm_command_parses(name, args, capsys, monkeypatch):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "RewardDiagnostics" in printed and "during_fit: last" in printed
+
+
+def test_welch_interval_by_hand():
+    # a = 1,2,3 and b = 4,5,6: difference -3; each side's variance of the mean 1/3, so the standard error is
+    # sqrt(2/3) and the Welch-Satterthwaite df = (2/3)^2 / (2 * (1/3)^2 / 2) = 4; t(0.975, 4) = 2.776445
+    diff, low, high = G.welch_interval([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    half = 2.776445 * math.sqrt(2 / 3)
+    assert diff == -3.0 and low == pytest.approx(-3 - half, abs=1e-5) and high == pytest.approx(-3 + half, abs=1e-5)
+    # unequal variances and sizes: df = 5.5214 (hand), interval [-7.3854, 0.3854] (scipy's Welch test agrees)
+    diff, low, high = G.welch_interval([1, 2, 3, 4], [2, 4, 6, 8, 10])
+    assert (diff, low, high) == pytest.approx((-3.5, -7.38537, 0.38537), abs=1e-4)
+    assert G.welch_interval([0.5, 0.5], [0.2, 0.2]) == (pytest.approx(0.3), pytest.approx(0.3), pytest.approx(0.3))
+    assert all(math.isnan(v) for v in G.welch_interval([1.0], [1.0, 2.0]))  # one seed: no interval
+
+
+def test_differences_from_the_baseline_arm():
+    per_run = {"start": [{"x": 0.0}], "base": [{"x": 0.1}, {"x": 0.3}], "arm": [{"x": 0.4}, {"x": 0.6}]}
+    diffs = G.differences(per_run, "base", ["x"])
+    assert set(diffs) == {"arm"}  # neither the baseline nor the start is compared with the baseline
+    assert diffs["arm"]["x"] == pytest.approx(list(G.welch_interval([0.4, 0.6], [0.1, 0.3])))
+    assert diffs["arm"]["x"][0] == pytest.approx(0.3)
