@@ -211,6 +211,9 @@ def to_example(item: ArithmeticItem, split: str, index: int) -> Example:
             "cue": str(item.cue),
             "cue_equals_gold": item.cue == item.answer,
             "reference_rationale": item.rationale,
+            # the rationale with every carry dropped (the hard policy's systematic error); where no step
+            # carries it equals the reference rationale
+            "carry_dropped_rationale": item.carry_dropped_rationale([True] * len(item.ops))[0],
             **({"edited_from": item.edited_from} if item.edited_from else {}),
         },
     )
