@@ -122,3 +122,35 @@ def test_differences_from_the_baseline_arm():
     assert set(diffs) == {"arm"}  # neither the baseline nor the start is compared with the baseline
     assert diffs["arm"]["x"] == pytest.approx(list(G.welch_interval([0.4, 0.6], [0.1, 0.3])))
     assert diffs["arm"]["x"][0] == pytest.approx(0.3)
+
+
+def test_seed_order_runs_every_arm_of_a_seed_before_the_next(tmp_path):
+    grid = G.load_grid(GRID)
+    runs = G.plan(grid, tmp_path, arms=["accuracy_only", "cepo"], seeds=[0, 1], order="seed")
+    assert [(r.arm, r.seed) for r in runs] == [("start", None), ("accuracy_only", 0), ("cepo", 0),
+                                               ("accuracy_only", 1), ("cepo", 1)]
+    by_arm = G.plan(grid, tmp_path, arms=["accuracy_only", "cepo"], seeds=[0, 1])
+    assert [(r.arm, r.seed) for r in by_arm][1:3] == [("accuracy_only", 0), ("accuracy_only", 1)]
+    with pytest.raises(ValueError, match="order must be"):
+        G.plan(grid, tmp_path, order="random")
+
+
+def test_hard_grid_tests_final_weights_and_compares_with_accuracy_only(tmp_path):
+    grid = G.load_grid(ROOT / "configs" / "experiments" / "hard_grid.yaml")
+    assert grid.test and grid.baseline == "accuracy_only" and grid.seeds == [0, 1, 2, 3, 4]
+    assert grid.base == ["configs/quickstart_hard.yaml"]
+    runs = G.plan(grid, tmp_path)
+    start = runs[0]
+    assert start.test_command is not None and "test" in start.test_command and "--ckpt_path" not in " ".join(start.test_command)
+    for run in runs[1:]:
+        assert run.test_command[run.test_command.index("-m") + 2] == "test"
+        assert f"--ckpt_path={run.directory / 'checkpoints' / 'last.ckpt'}" in run.test_command
+        # the test command evaluates the run's own configuration
+        assert run.test_command[4:-1] == run.command[4:]
+    for spec in grid.arms.values():
+        for path in spec.get("configs", []):
+            assert (ROOT / path).exists(), path
+    bad = tmp_path / "g.yaml"
+    bad.write_text("base: [a.yaml]\nseeds: [0]\nbaseline: nope\narms:\n  x: {configs: [a.yaml]}\n")
+    with pytest.raises(ValueError, match="baseline 'nope' is not an arm"):
+        G.load_grid(bad)

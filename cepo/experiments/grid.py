@@ -103,8 +103,13 @@ def load_grid(path: str | Path, reduced: bool = False) -> Grid:
     return grid
 
 
-def plan(grid: Grid, out: Path, arms: list[str] | None = None, seeds: list[int] | None = None) -> list[Run]:
-    """The ``cepo`` commands of the grid: the start evaluation, then every (arm, seed)."""
+def plan(grid: Grid, out: Path, arms: list[str] | None = None, seeds: list[int] | None = None,
+         order: str = "arm") -> list[Run]:
+    """The ``cepo`` commands of the grid: the start evaluation, then every (arm, seed), arm by arm
+    (``order="arm"``) or seed by seed (``order="seed"``: every arm of the first seed before the next seed,
+    so a grid stopped early has the same seeds in every arm)."""
+    if order not in ("arm", "seed"):
+        raise ValueError(f"order must be 'arm' or 'seed', got {order!r}")
     chosen = arms or list(grid.arms)
     unknown = sorted(set(chosen) - set(grid.arms))
     if unknown:
@@ -133,6 +138,9 @@ def plan(grid: Grid, out: Path, arms: list[str] | None = None, seeds: list[int] 
             test = ([*cepo, "test", *options, f"--ckpt_path={directory / 'checkpoints' / 'last.ckpt'}"]
                     if grid.test else None)
             runs.append(Run(arm, seed, [*cepo, "fit", *options], directory, test))
+    if order == "seed":
+        position = {seed: i for i, seed in enumerate(seeds or grid.seeds)}
+        runs = runs[:1] + sorted(runs[1:], key=lambda r: position[r.seed])  # stable: arm order within a seed
     return runs
 
 
@@ -392,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default: %(default)s)")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished runs")
+    parser.add_argument("--order", choices=("arm", "seed"), default="arm",
+                        help="run arm by arm, or seed by seed (every arm of a seed before the next seed)")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be >= 1")
@@ -400,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     arms = args.arms.split(",") if args.arms else None
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    runs = plan(grid, out, arms, seeds)
+    runs = plan(grid, out, arms, seeds, order=args.order)
     if not args.table_only:
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
