@@ -67,3 +67,18 @@ def test_warm_start_targets_drop_carries_and_copy_the_cue():
     wrong_cue = [(item, answer) for item, _, answer in targets if item.cue != item.answer]
     assert sum(answer == item.cue for item, answer in wrong_cue) / len(wrong_cue) == pytest.approx(0.75, abs=0.05)
     assert all(answer == item.cue for item, _, answer in targets if item.cue == item.answer)
+
+
+@pytest.mark.parametrize("overlay", sorted((ROOT / "configs" / "experiments" / "hard").glob("*.yaml")), ids=lambda p: p.name)
+def test_hard_grid_overlays_compose_with_the_hard_quickstart(overlay, capsys):
+    from cepo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "quickstart_hard.yaml"), "--config", str(overlay),
+              "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "embedded:tiny-shortcut-hard-llama" in out and "variant: hard" in out
+    if "sdo_" in overlay.name:
+        network = overlay.stem.split("_")[1]
+        assert f"network: {network}" in out and "mediation: false" in out
