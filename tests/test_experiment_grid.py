@@ -154,3 +154,17 @@ def test_hard_grid_tests_final_weights_and_compares_with_accuracy_only(tmp_path)
     bad.write_text("base: [a.yaml]\nseeds: [0]\nbaseline: nope\narms:\n  x: {configs: [a.yaml]}\n")
     with pytest.raises(ValueError, match="baseline 'nope' is not an arm"):
         G.load_grid(bad)
+
+
+def test_a_run_is_claimed_by_one_grid_process_at_a_time(tmp_path, capsys):
+    run = G.Run("arm", 0, ["true"], tmp_path / "runs" / "arm" / "seed0")
+    lock = G._claim(run)
+    assert lock is not None and lock.read_text() == str(__import__("os").getpid())
+    assert G._claim(run) is None  # held by a live process (this one)
+    assert G.execute(run, threads=1) == {} and "running in another grid process" in capsys.readouterr().out
+    assert not run.directory.exists()  # the holder's folder is left alone
+    lock.write_text("999999999")  # a holder that died: its lock is taken over
+    assert G._claim(run) == lock and lock.read_text() != "999999999"
+    lock.unlink()
+    assert G.execute(run, threads=1)["arm"] == "arm" and (run.directory / "done.json").exists()
+    assert not lock.exists()  # released after the run

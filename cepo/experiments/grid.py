@@ -150,6 +150,51 @@ def execute(run: Run, threads: int) -> dict:
     if done.exists():
         print(f"[grid] skip {run.name} (finished)", flush=True)
         return json.loads(done.read_text())
+    lock = _claim(run)
+    if lock is None:
+        print(f"[grid] skip {run.name} (running in another grid process)", flush=True)
+        return {}
+    try:
+        return _execute_claimed(run, threads, done)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(run: Run) -> Path | None:
+    """Claim ``run`` for this process with a lock file beside its folder (created atomically), so that
+    several grid processes can share one output folder; a lock left by a process that died is taken
+    over. None when a live process holds it."""
+    lock = run.directory.parent / f"{run.directory.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and _pid_alive(holder):
+                return None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        return lock
+    return None
+
+
+def _execute_claimed(run: Run, threads: int, done: Path) -> dict:
     if run.directory.exists():  # an interrupted run: start it again from scratch
         shutil.rmtree(run.directory)
     run.directory.mkdir(parents=True)
