@@ -71,6 +71,8 @@ PARSED = [
     "cepo validate --config configs/quickstart.yaml --config configs/rewards/cepo.yaml "
     "--config configs/experiments/reward_diagnostics.yaml",
     "python -m cepo.assets.build_tiny_model",
+    "cepo validate --config configs/quickstart_hard.yaml --config configs/rewards/cepo.yaml "
+    "--config configs/eval/diagnostics_hard.yaml",
     "python -m cepo.experiments.grid",
     "python -m cepo.experiments.grid --arms accuracy_only,cepo --seeds 0",
     "python -m cepo.experiments.grid --jobs 2",
