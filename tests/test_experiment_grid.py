@@ -168,3 +168,20 @@ def test_a_run_is_claimed_by_one_grid_process_at_a_time(tmp_path, capsys):
     lock.unlink()
     assert G.execute(run, threads=1)["arm"] == "arm" and (run.directory / "done.json").exists()
     assert not lock.exists()  # released after the run
+
+
+@pytest.mark.slow
+def test_reduced_hard_grid_tests_final_weights_and_reports_welch_intervals(tmp_path):
+    spec = str(ROOT / "configs" / "experiments" / "hard_grid.yaml")
+    G.main(["--grid", spec, "--reduced", "--out", str(tmp_path), "--arms", "accuracy_only,sdo_lagged", "--jobs", "2"])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["baseline"] == "accuracy_only" and set(result["arms"]) == {"start", "accuracy_only", "sdo_lagged"}
+    for arm in ("start", "accuracy_only", "sdo_lagged"):  # `cepo test` ran on each run's final weights
+        assert 0.0 <= result["arms"][arm]["test/flipped/accuracy"][0] <= 1.0
+    trained = result["arms"]["sdo_lagged"]
+    assert "train/rollouts_unfaithful_right" in trained and "train_early/rollouts_unfaithful_right" in trained
+    assert "train/coherence_do" in trained  # the lagged S_do was computed
+    # one seed per arm in the reduced grid: no interval, reported as such
+    assert all(math.isnan(v[0]) for v in result["differences"]["sdo_lagged"].values())
+    table = (tmp_path / "results.md").read_text()
+    assert "Held-out test items" in table and "Difference from accuracy_only" in table
