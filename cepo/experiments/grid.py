@@ -389,10 +389,13 @@ def _interval(value: list[float] | None) -> str:
     return f"{mark}{diff:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
 
 
-def held_out_markdown(summary: dict[str, dict], diffs: dict[str, dict] | None, baseline: str | None) -> str:
+def held_out_markdown(summary: dict[str, dict], diffs: dict[str, dict] | None, baseline: str | None,
+                      seeds_done: dict[str, list] | None = None) -> str:
     """The test-item table, the training rollouts' faithfulness early and late, and (with a baseline) the
     differences from it with their Welch intervals."""
     lines = ["", "## Held-out test items, final weights (mean ± std over seeds)", "",
+             "Seeds finished per arm: " + "; ".join(f"{arm} {seeds}" for arm, seeds in (seeds_done or {}).items()
+                                                    if arm != "start") + ".", "",
              "| arm | seeds | " + " | ".join(c for c, _ in TEST_COLUMNS) + " |", "|---" * (len(TEST_COLUMNS) + 2) + "|"]
     for arm, s in summary.items():
         lines.append(f"| {arm} | {s['n']} | " + " | ".join(_cell(s, k) for _, k in TEST_COLUMNS) + " |")
@@ -414,20 +417,22 @@ def held_out_markdown(summary: dict[str, dict], diffs: dict[str, dict] | None, b
 
 def write_table(grid: Grid, runs: list[Run], out: Path, description: str) -> dict:
     per_arm: dict[str, list[dict]] = {}
+    seeds_done: dict[str, list[int | None]] = {}
     for run in runs:
         if (run.directory / "done.json").exists():
             per_arm.setdefault(run.arm, []).append(run_metrics(run.directory))
+            seeds_done.setdefault(run.arm, []).append(run.seed)
     aliases = {name: spec["same_as"] for name, spec in grid.arms.items()
                if "same_as" in spec and spec["same_as"] in per_arm}
     summary = summarize(per_arm)
-    meta = {"description": description, "seeds": grid.seeds, "extra_args": grid.extra_args}
+    meta = {"description": description, "seeds": grid.seeds, "extra_args": grid.extra_args, "seeds_done": seeds_done}
     diffs = None
     if grid.baseline is not None and grid.baseline in per_arm:
         keys = [k for _, k in TEST_COLUMNS + ROLLOUT_COLUMNS]
         diffs = differences(per_arm, grid.baseline, keys)
     report = markdown(summary, aliases, meta)
     if grid.test:
-        report += held_out_markdown(summary, diffs, grid.baseline)
+        report += held_out_markdown(summary, diffs, grid.baseline, seeds_done)
     (out / "results.json").write_text(json.dumps({"meta": meta, "aliases": aliases, "arms": summary,
                                                   "differences": diffs, "baseline": grid.baseline,
                                                   "runs": per_arm}, indent=1))
