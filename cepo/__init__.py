@@ -1,18 +1,47 @@
-"""cepo: Causally-Enhanced Policy Optimization (CE-PO) as a PyTorch Lightning template."""
+"""cepo: Causally-Enhanced Policy Optimization (CE-PO) as a PyTorch Lightning template.
 
-from cepo.coherence.scorer import CoherenceScorer
-from cepo.data.datamodule import PromptDataModule
-from cepo.data.prompt_file import PromptFile
-from cepo.data.sources import DatasetSource, FileDataset, PaperMix, ShortcutTask
-from cepo.rewards.base import AccuracyReward, FormatReward, NetworkReward, RewardFunction
-from cepo.training.coherence_callback import CoherenceRewardCallback
-from cepo.training.interventional_callback import InterventionalRewardCallback
-from cepo.evaluation.diagnostics import RewardDiagnostics
-from cepo.training.module import GRPO, PPO, RLOO, CEPOModule, ReinforcePP
+The names below (``cepo.GRPO``, ``cepo.ShortcutTask``, ...) are what configs give as ``class_path``. They
+are imported on first use, so ``import cepo.rl`` or ``import cepo.answers`` loads neither Lightning nor
+PEFT.
+"""
 
-__all__ = [
-    "AccuracyReward", "CEPOModule", "CoherenceRewardCallback", "CoherenceScorer", "DatasetSource", "FileDataset",
-    "FormatReward", "GRPO", "NetworkReward", "PaperMix", "PPO", "PromptDataModule", "PromptFile", "RLOO",
-    "ReinforcePP", "RewardFunction", "ShortcutTask", "InterventionalRewardCallback", "RewardDiagnostics",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "CoherenceScorer": "cepo.coherence.scorer",
+    "PromptDataModule": "cepo.data.datamodule",
+    "PromptFile": "cepo.data.prompt_file",
+    "DatasetSource": "cepo.data.sources",
+    "FileDataset": "cepo.data.sources",
+    "PaperMix": "cepo.data.sources",
+    "ShortcutTask": "cepo.data.sources",
+    "AccuracyReward": "cepo.rewards.base",
+    "FormatReward": "cepo.rewards.base",
+    "NetworkReward": "cepo.rewards.base",
+    "RewardFunction": "cepo.rewards.base",
+    "CoherenceRewardCallback": "cepo.training.coherence_callback",
+    "InterventionalRewardCallback": "cepo.training.interventional_callback",
+    "RewardDiagnostics": "cepo.training.diagnostics_callback",
+    "CEPOModule": "cepo.training.module",
+    "GRPO": "cepo.training.module",
+    "PPO": "cepo.training.module",
+    "RLOO": "cepo.training.module",
+    "ReinforcePP": "cepo.training.module",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cepo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

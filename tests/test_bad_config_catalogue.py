@@ -23,6 +23,8 @@ TINY = ["--data.prompts_per_step", "2", "--data.eval_batch_size", "4", f"{M}grou
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
 HELPERS = "tests.helpers.bad_config"
 PPO = ["--config", "configs/algorithms/ppo.yaml"]
+RLOO = ["--config", "configs/algorithms/rloo.yaml"]
+REINFORCE_PP = ["--config", "configs/algorithms/reinforce_pp.yaml"]
 CEPO = ["--config", "configs/rewards/cepo.yaml"]
 
 
@@ -84,9 +86,27 @@ CASES = [
      r"the terms are \['accuracy'\]"),
     ("gae without a critic", [f"{M}advantage.estimator", "gae"], ValueError,
      r"model\.advantage\.estimator='gae' needs a critic", r"set model\.critic .* or choose the grpo"),
-    ("min_std with a non-grpo estimator", ["--config", "configs/algorithms/rloo.yaml", f"{M}advantage.min_std", "0.1"],
-     ValueError, r"model\.advantage\.min_std and model\.advantage\.per_term apply to the grpo estimator only",
-     r"advantage\.estimator is 'rloo'"),
+    ("min_std with a non-grpo estimator", [*RLOO, f"{M}advantage.min_std", "0.1"], ValueError,
+     r"model\.advantage\.min_std=0\.1 would be ignored: advantage\.estimator='rloo' does not read it \(read by: grpo\)",
+     r"leave advantage\.min_std at its default 0\.0"),
+    ("per_term with a non-grpo estimator", [*REINFORCE_PP, f"{M}advantage.per_term", "true"], ValueError,
+     r"model\.advantage\.per_term=True would be ignored: advantage\.estimator='reinforce_pp'",
+     r"leave advantage\.per_term at its default False"),
+    ("scale batch with rloo", [*RLOO, f"{M}advantage.scale", "batch"], ValueError,
+     r"model\.advantage\.scale='batch' would be ignored: advantage\.estimator='rloo' does not read it",
+     r"leave advantage\.scale at its default 'group' or choose an estimator that reads it"),
+    ("scale batch with reinforce_pp", [*REINFORCE_PP, f"{M}advantage.scale", "batch"], ValueError,
+     r"model\.advantage\.scale='batch' would be ignored: advantage\.estimator='reinforce_pp' does not read it",
+     r"leave advantage\.scale at its default 'group'"),
+    ("scale none with gae", [*PPO, f"{M}advantage.scale", "none"], ValueError,
+     r"model\.advantage\.scale='none' would be ignored: advantage\.estimator='gae' does not read it",
+     r"leave advantage\.scale at its default 'group'"),
+    ("gamma with grpo", [f"{M}advantage.gamma", "0.9"], ValueError,
+     r"model\.advantage\.gamma=0\.9 would be ignored: advantage\.estimator='grpo' does not read it "
+     r"\(read by: reinforce_pp, gae\)", r"leave advantage\.gamma at its default 1\.0"),
+    ("lam with reinforce_pp", [*REINFORCE_PP, f"{M}advantage.lam", "0.95"], ValueError,
+     r"model\.advantage\.lam=0\.95 would be ignored: advantage\.estimator='reinforce_pp'",
+     r"read by: gae\).*leave advantage\.lam at its default 1\.0"),
     ("adaptive KL from coefficient 0", [f"{M}kl.coef", "0", f"{M}kl.target", "0.05"], ValueError,
      r"model\.kl\.target needs model\.kl\.coef > 0", r"would stay 0 forever"),
     ("adapter folder missing", [f"{M}policy.adapter_path", "./no/such/adapter"], FileNotFoundError,

@@ -165,7 +165,7 @@ def test_shuffled_prompts_keep_the_chat_template_in_place(char_tokenizer):
     prefix, suffix = prompt[:start], prompt[start + len(example.question):]
     assert prefix.startswith("[system] You are a careful solver") and "[assistant]" in suffix
     scorer = CoherenceScorer(num_counterfactuals=6)
-    cf_p, _, missing = scorer._counterfactual_texts([prompt], [example.question], ["r s"], ["9"], None, None, 0)
+    cf_p, _, missing = scorer._counterfactual_texts([prompt], [example.question], ["r s"], [(prompt, "r s", "9")], None, None, 0)
     assert missing == set()
     for text in cf_p[0]:
         assert text.startswith(prefix) and text.endswith(suffix)
@@ -173,7 +173,7 @@ def test_shuffled_prompts_keep_the_chat_template_in_place(char_tokenizer):
         assert sorted(body.split()) == sorted(example.question.split())
     assert any(text != prompt for text in cf_p[0])
     # Without the content the template words are shuffled too (the behaviour being fixed).
-    whole, _, _ = scorer._counterfactual_texts([prompt], [None], ["r s"], ["9"], None, None, 0)
+    whole, _, _ = scorer._counterfactual_texts([prompt], [None], ["r s"], [(prompt, "r s", "9")], None, None, 0)
     assert any(not text.startswith(prefix) for text in whole[0])
 
 

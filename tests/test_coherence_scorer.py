@@ -48,7 +48,7 @@ def assert_matches_reference(result, model, tok, cf_p, cf_x, **kw):
 
 def test_batched_scorer_matches_the_per_sample_reference(tiny_llama, char_tokenizer):
     cf_p, cf_x = explicit_counterfactuals()
-    result = CoherenceScorer(micro_batch_size=4).score(
+    result = CoherenceScorer(micro_batch_size=4, num_counterfactuals=2).score(
         tiny_llama, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x
     )
     assert result.zx.dtype == torch.float32 and result.zx.shape == (5,) and result.zx.device.type == "cpu"
@@ -60,7 +60,7 @@ def test_batched_scorer_matches_the_per_sample_reference(tiny_llama, char_tokeni
 def test_token_caps_and_naive_variant_match_the_reference(tiny_llama, char_tokenizer):
     cf_p, cf_x = explicit_counterfactuals(k=1)
     caps = dict(max_prompt_tokens=6, max_rationale_tokens=5, max_answer_tokens=2)
-    result = CoherenceScorer(micro_batch_size=3, **caps).score(
+    result = CoherenceScorer(micro_batch_size=3, num_counterfactuals=1, **caps).score(
         tiny_llama, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x
     )
     assert_matches_reference(result, tiny_llama, char_tokenizer, cf_p, cf_x, **caps)
@@ -112,7 +112,8 @@ def test_gradients_match_central_finite_differences(char_tokenizer, monkeypatch)
 
 
 def test_cached_prefix_gives_the_full_sequence_gradients(tiny_llama, char_tokenizer):
-    from cepo.coherence.scorer import _RATIONALE_CF, _PrefixCache
+    from cepo.coherence.scorer import _RATIONALE_CF
+    from cepo.policy.cache import PrefixCache
 
     scorer = CoherenceScorer(micro_batch_size=3)  # suffixes of one rollout split across passes
     cf_p, cf_x = explicit_counterfactuals(k=3)
@@ -120,7 +121,7 @@ def test_cached_prefix_gives_the_full_sequence_gradients(tiny_llama, char_tokeni
     sequences = scorer._sequences(char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x)
     shuffled = [seq for seq in sequences if seq.kind == _RATIONALE_CF]
     eos, pad = char_tokenizer.eos_token_id, char_tokenizer.pad_token_id
-    assert _PrefixCache.build(tiny_llama, [[5, 6, eos], [7, eos]], pad) is not None  # the cached path runs
+    assert PrefixCache.build(tiny_llama, [[5, 6, eos], [7, eos]], pad) is not None  # the cached path runs
     with torch.enable_grad():
         cached = scorer._rationale_rows(tiny_llama, shuffled, eos, pad, 3)
         _, G_Y = scorer._gradients(tiny_llama, shuffled, eos, pad)
@@ -144,24 +145,24 @@ def tiny_model(family: str, vocab_size: int):
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral_sliding_window"])
 def test_other_decoder_families_match_the_reference(family, char_tokenizer):
-    from cepo.coherence.scorer import _PrefixCache
+    from cepo.policy.cache import PrefixCache
 
     model = tiny_model(family, len(char_tokenizer))
-    cached = _PrefixCache.build(model, [[5, 6, 2]], char_tokenizer.pad_token_id)
+    cached = PrefixCache.build(model, [[5, 6, 2]], char_tokenizer.pad_token_id)
     assert (cached is not None) == (family == "qwen2")
     cf_p, cf_x = explicit_counterfactuals()
-    result = CoherenceScorer(micro_batch_size=4).score(model, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x)
+    result = CoherenceScorer(micro_batch_size=4, num_counterfactuals=2).score(model, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x)
     assert_matches_reference(result, model, char_tokenizer, cf_p, cf_x)
 
 
 def test_scores_do_not_depend_on_the_rest_of_the_batch_or_micro_batch_size(tiny_llama, char_tokenizer):
     cf_p, cf_x = explicit_counterfactuals()
-    alone = CoherenceScorer(micro_batch_size=1).score(
+    alone = CoherenceScorer(micro_batch_size=1, num_counterfactuals=2).score(
         tiny_llama, char_tokenizer, PROMPTS[:1], RATIONALES[:1], ANSWERS[:1], cf_p[:1], cf_x[:1]
     )
     others = ["a much longer prompt that pads everything " * 2, "x"]
     for mb in (2, 7, 64):
-        mixed = CoherenceScorer(micro_batch_size=mb).score(
+        mixed = CoherenceScorer(micro_batch_size=mb, num_counterfactuals=2).score(
             tiny_llama,
             char_tokenizer,
             [others[0], PROMPTS[0], others[1]],
@@ -294,3 +295,15 @@ def test_callback_rejects_unknown_network_and_negative_weights():
         CoherenceRewardCallback(network="frozen")
     with pytest.raises(ValueError, match="weight_xy"):
         CoherenceRewardCallback(weight_xy=-1.0)
+
+
+def test_k_comes_from_num_counterfactuals_never_from_the_lists(tiny_llama, char_tokenizer):
+    cf_p, cf_x = explicit_counterfactuals(k=2)
+    with pytest.raises(ValueError, match=r"counterfactual_prompts holds lists of \[2\] texts, but the scorer's "
+                                         r"num_counterfactuals is 4; pass 4 texts per rollout"):
+        CoherenceScorer().score(tiny_llama, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, None)
+    with pytest.raises(ValueError, match=r"counterfactual_rationales holds lists of \[1, 2\] texts"):
+        CoherenceScorer(num_counterfactuals=2).score(tiny_llama, char_tokenizer, PROMPTS, RATIONALES, ANSWERS,
+                                                     cf_p, [cf_x[0][:1]] + cf_x[1:])
+    with pytest.raises(ValueError, match=r"unhardened scorer \(hardened=false\) uses none"):
+        CoherenceScorer(hardened=False).score(tiny_llama, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x)

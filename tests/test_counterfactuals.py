@@ -83,7 +83,7 @@ def test_draw_counterfactuals_is_seeded_and_per_text():
     other = draw_counterfactuals(["zz yy xx", texts_[1]], WordShuffle(), 3, seed="0:5")
     assert other[1] == first[1]
     assert draw_counterfactuals(texts_, WordShuffle(), 0) == [[], [], []]
-    assert set(COUNTERFACTUALS) == {"word_shuffle", "number_replace", "word_dropout"}
+    assert set(COUNTERFACTUALS) == {"word_shuffle", "number_replace", "word_dropout", "conclusion_edit"}
 
 
 def test_word_shuffle_never_returns_the_original_order_when_another_exists():

@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-import cepo.data.datasets as datasets_module
+import cepo.data.readers as readers_module
 from cepo.data.datasets import (
     ADAPTERS,
     FAMILY_BY_ADAPTER as REGISTERED_FAMILIES,
@@ -19,7 +19,7 @@ from cepo.data.datasets import (
     register_adapter,
     reject,
 )
-from cepo.data.example import Example
+from cepo.records import Example
 from cepo.data.prompts import FAMILY_BY_ADAPTER, PromptTemplate, family_for, render_prompt
 from cepo.data.sources import FileDataset
 from cepo.answers.matching import answers_match
@@ -90,7 +90,7 @@ def test_hub_name_without_datasets_says_how_to_install(monkeypatch):
 
 def test_hub_name_calls_load_dataset(monkeypatch):
     calls = []
-    monkeypatch.setattr(datasets_module, "_hub_unreachable_reason", lambda endpoint, timeout: None)
+    monkeypatch.setattr(readers_module, "_hub_unreachable_reason", lambda endpoint, timeout: None)
 
     def load_dataset(name, config_name, split):
         calls.append((name, config_name, split))
@@ -374,9 +374,10 @@ def test_prompt_chat_template_and_system_prompt():
 @pytest.fixture()
 def clean_registry():
     """Registrations made by a test are removed afterwards (the tables are shared module state)."""
-    adapters, families = dict(ADAPTERS), dict(REGISTERED_FAMILIES)
+    names, families = set(ADAPTERS), dict(REGISTERED_FAMILIES)
     yield
-    ADAPTERS.clear(), ADAPTERS.update(adapters)
+    for name in set(ADAPTERS) - names:
+        ADAPTERS.remove(name)
     REGISTERED_FAMILIES.clear(), REGISTERED_FAMILIES.update(families)
 
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from cepo.cli import main
-from cepo.coherence.interventional import conclusion_value
+from cepo.answers.conclusion import conclusion_value
 from cepo.data.datasets import cladder_adapter, gsm8k_adapter
-from cepo.data.example import Example
+from cepo.records import Example
 from cepo.data.shortcut import shortcut_examples
+from cepo.training.diagnostics_callback import RewardDiagnostics
 from cepo.evaluation.diagnostics import (
-    RewardDiagnostics, arithmetic_rationale, build_pair_sets, cue_pairs, edited_rationale_pairs,
+    arithmetic_rationale, build_pair_sets, cue_pairs, edited_rationale_pairs,
     format_diagnostics, opposite_wording_pairs, pair_auc, pair_statistics,
 )
 
@@ -160,7 +161,7 @@ def test_validate_reports_diagnostics_for_every_pair_set(tmp_path):
 def test_test_stage_writes_its_own_file_with_chosen_options(tmp_path):
     overlay = tmp_path / "diag.yaml"
     overlay.write_text(
-        "trainer:\n  callbacks+:\n    - class_path: cepo.evaluation.diagnostics.RewardDiagnostics\n"
+        "trainer:\n  callbacks+:\n    - class_path: cepo.training.diagnostics_callback.RewardDiagnostics\n"
         "      init_args: {networks: [policy], kinds: [cue], max_pairs: 3, interventional: false}\n"
     )
     cli = main([

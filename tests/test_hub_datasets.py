@@ -13,7 +13,7 @@ import datasets
 import huggingface_hub.constants
 import pytest
 
-import cepo.data.datasets as datasets_module
+import cepo.data.readers as readers_module
 from cepo.data.datasets import load_examples, load_records
 from cepo.data.sources import FileDataset
 
@@ -123,7 +123,7 @@ def refuse_download(*args, **kwargs):
 ])
 def test_unreachable_hub_fails_fast_naming_the_offline_fixes(monkeypatch, endpoint, timeout):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint.format(port=closed_port()))
-    monkeypatch.setattr(datasets_module, "HUB_PROBE_TIMEOUT_S", timeout)
+    monkeypatch.setattr(readers_module, "HUB_PROBE_TIMEOUT_S", timeout)
     monkeypatch.setattr(datasets, "load_dataset", refuse_download)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
@@ -162,4 +162,4 @@ def test_hub_id_never_waits_for_retries(monkeypatch):
         assert "HF_HUB_OFFLINE=1" in str(error)
     else:
         assert reached == [("openai/gsm8k", "main")]
-    assert time.monotonic() - start < datasets_module.HUB_PROBE_TIMEOUT_S + 2.0
+    assert time.monotonic() - start < readers_module.HUB_PROBE_TIMEOUT_S + 2.0

@@ -159,3 +159,13 @@ def test_bad_options_are_named():
         InterventionalRewardCallback(InterventionalScorer(mediation=False), weight_med=0.5)
     with pytest.raises(ValueError, match="num_counterfactuals"):
         InterventionalScorer(num_counterfactuals=0)
+
+
+def test_edited_rationales_must_number_num_counterfactuals(tiny_llama, char_tokenizer):
+    scorer = InterventionalScorer(num_counterfactuals=2)
+    with pytest.raises(ValueError, match=r"one list of num_counterfactuals=2 texts per rollout \(got 1 lists of "
+                                         r"lengths \[3\] for 1 rollouts\)"):
+        scorer.score(tiny_llama, char_tokenizer, ["Q: 1+2"], ["1+2=3;"], ["3"], edited_rationales=[["a", "b", "c"]])
+    # The drawn edits follow the one seeding rule: K of them, the same for the same rollout and step.
+    edits = scorer.edits(["Q: 1+2"], ["1+2=3;"], ["3"], step=5)
+    assert len(edits[0]) == 2 and edits == scorer.edits(["Q: 1+2"], ["1+2=3;"], ["3"], step=5)

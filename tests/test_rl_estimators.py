@@ -111,7 +111,8 @@ def test_grpo_registry_entry_routes_its_options():
     inputs = AdvantageInputs(scores=scores, mask=torch.ones(6, 2), group_size=3,
                              terms=scores[:, None], term_weights=torch.tensor([1.0]))
     grpo = ADVANTAGE_ESTIMATORS["grpo"]
-    options = dict(scale="group", min_std=0.1, per_term=False, gamma=1.0, lam=1.0)
+    options = dict(scale="group", min_std=0.1, per_term=False)
+    assert set(grpo.options) == set(options)
     advantages, returns = grpo.compute(inputs, **options)
     assert returns is None and grpo.group_relative and not grpo.needs_critic
     close(advantages, group_advantages(scores, 3, min_std=0.1))

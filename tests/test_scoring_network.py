@@ -1,6 +1,6 @@
-"""The network a network reward scores with: reference, policy, or the lagged copy of the policy."""
+"""The network a network reward scores with: reference, policy, or the lagged copy of the policy
+(cepo.policy.lagged, dispatched with the others in cepo.rewards.network)."""
 
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +9,8 @@ from peft import LoraConfig, get_peft_model
 
 from cepo.training.coherence_callback import CoherenceRewardCallback
 from cepo.training.interventional_callback import InterventionalRewardCallback
-from cepo.training.scoring_network import LaggedPolicy, scoring_network
+from cepo.policy.lagged import LaggedPolicy
+from cepo.rewards.network import SCORING_NETWORKS, lagged_copy
 from tests.conftest import make_tiny_llama
 
 
@@ -93,31 +94,29 @@ def test_lagged_state_round_trips_for_resume(policy):
     assert CoherenceRewardCallback().state_dict() == {}  # other networks keep no state
 
 
-def test_dispatch_gives_the_network_each_name_asks_for(policy):
-    calls = []
-
-    @contextmanager
-    def reference_model():
-        calls.append("reference")
-        yield "REFERENCE"
-
-    module = SimpleNamespace(policy=policy, reference_model=reference_model)
-    with scoring_network(module, "reference") as net:
-        assert net == "REFERENCE" and calls == ["reference"]
-    with scoring_network(module, "policy") as net:
-        assert net is policy
+def test_the_lagged_network_is_dispatched_with_the_others(policy):
+    module = SimpleNamespace(policy=policy)
+    assert "lagged" in SCORING_NETWORKS.names()
+    with pytest.raises(RuntimeError, match="copy that the reward keeps"):
+        SCORING_NETWORKS["lagged"](module)  # not handed over by a reward
     lagged = LaggedPolicy(2)
-    with scoring_network(module, "lagged", lagged, step=0) as net:
-        assert net is policy and lagged.refreshed_at == 0
-    with pytest.raises(ValueError, match="needs the reward's LaggedPolicy"):
-        with scoring_network(module, "lagged", None, step=0):
-            pass
+    train_a_step(policy, 0)
+    with lagged_copy(module, lagged, step=0):
+        assert lagged.refreshed_at == 0
+        train_a_step(policy, 1)  # the policy moves on; the network scored is the copy of step 0
+        moved = lora(policy)
+        with SCORING_NETWORKS["lagged"](module) as net:
+            assert net is policy and same(lora(net), lagged.snapshot)
+        assert same(lora(policy), moved)
+    assert not hasattr(module, "lagged_scoring_copy")  # handed back after scoring
+    with lagged_copy(module, None, step=5):  # other networks: nothing to hand over
+        assert not hasattr(module, "lagged_scoring_copy")
 
 
 def test_bad_network_options_are_named():
-    with pytest.raises(ValueError, match="network='frozen' is not supported.*'lagged'"):
+    with pytest.raises(ValueError, match="network='frozen' is not supported.*lagged"):
         CoherenceRewardCallback(network="frozen")
-    with pytest.raises(ValueError, match="needs lag_steps >= 1"):
+    with pytest.raises(ValueError, match="lag_steps must be an integer >= 1"):
         InterventionalRewardCallback(network="lagged", lag_steps=0)
     with pytest.raises(ValueError, match="lag_steps must be an integer >= 1"):
         LaggedPolicy(0)

@@ -156,7 +156,7 @@ def evaluate(model, tokenizer, n: int, seed: int, cue_rate: float, variant: str 
              max_new_tokens: int = 40) -> dict[str, dict[str, float]]:
     """Greedy accuracy, cue-copy rate, rationale faithfulness and unfaithful right answers on each
     evaluation split, and accuracy sampled at temperature 1."""
-    from cepo.evaluation.faithfulness import rationale_value
+    from cepo.answers.conclusion import conclusion_value
     from cepo.answers.matching import answers_match
     from cepo.answers.parsing import AnswerParser
 
@@ -178,7 +178,7 @@ def evaluate(model, tokenizer, n: int, seed: int, cue_rate: float, variant: str 
             right = answers_match(parsed.answer, str(item.answer), "number")
             correct += right
             copied += answers_match(parsed.answer, str(item.cue), "number")
-            derived = rationale_value(parsed.rationale)
+            derived = conclusion_value(parsed.rationale)
             derived_right += derived == item.answer
             unfaithful_right += right and derived != item.answer
             sampled_correct += answers_match(parser(sampled).answer, str(item.answer), "number")

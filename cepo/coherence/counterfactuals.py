@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+from cepo.answers.conclusion import conclusion_span, conclusion_value
+
 _RUNS = re.compile(r"\S+|\s+")
 _DIGITS = re.compile(r"\d+")
 
@@ -116,8 +118,37 @@ class WordDropout(Counterfactual):
         return "".join(out)
 
 
+@dataclass(frozen=True)
+class ConclusionEdit(Counterfactual):
+    """Change only the number the rationale concludes with (right side of its last ``=``) to a nearby
+    different integer, ``value + d`` with d drawn from ``+-1 .. +-max_offset`` (kept >= 0 when the value
+    was). Everything else is kept, so the edited rationale still computes the same steps but concludes
+    something else. A text without a conclusion is returned unchanged."""
+
+    max_offset: int = 3
+    """Largest change of the concluded value."""
+
+    name: ClassVar[str] = "conclusion_edit"
+
+    def __post_init__(self) -> None:
+        if self.max_offset < 1:
+            raise ValueError(f"ConclusionEdit.max_offset must be >= 1, got {self.max_offset}")
+
+    def __call__(self, text: str, rng: random.Random) -> str:
+        span = conclusion_span(text)
+        if span is None:
+            return text
+        value = conclusion_value(text)
+        offsets = [d for d in range(-self.max_offset, self.max_offset + 1) if d]
+        if value >= 0:
+            offsets = [d for d in offsets if value + d >= 0]
+        new = value + rng.choice(offsets)
+        number = str(new) if isinstance(new, int) else f"{new:g}"
+        return text[: span[0]] + number + text[span[1] :]
+
+
 COUNTERFACTUALS: dict[str, type[Counterfactual]] = {
-    cls.name: cls for cls in (WordShuffle, NumberReplace, WordDropout)
+    cls.name: cls for cls in (WordShuffle, NumberReplace, WordDropout, ConclusionEdit)
 }
 
 
@@ -152,3 +183,30 @@ def draw_seed(*parts: object) -> str:
     different tuples of strings and numbers give the same seed). ``random.Random`` hashes a string seed
     with SHA-512, so the draws do not depend on ``PYTHONHASHSEED`` and replay in any process."""
     return json.dumps([str(part) if not isinstance(part, (int, float, str)) else part for part in parts])
+
+
+def draw_rollout_counterfactuals(
+    texts: list[str],
+    generator: Counterfactual,
+    k: int,
+    seed: int | str,
+    step: int,
+    role: str,
+    prompts: list[str],
+    rationales: list[str],
+    answers: list[str],
+) -> list[list[str]]:
+    """``k`` counterfactuals of ``texts[i]``, the part ``role`` (``"prompt"`` or ``"rationale"``) of rollout
+    ``(prompts[i], rationales[i], answers[i])``: the one seeding rule of every scorer.
+
+    Draw j of text i comes from a generator seeded by ``(seed, step, role, prompt, rationale, answer)``:
+    identical rollouts get identical draws, a rollout's draws do not depend on its row or on the other
+    rollouts, a new step draws afresh, and a rerun (or a resumed run) replays them exactly.
+    """
+    if not len(texts) == len(prompts) == len(rationales) == len(answers):
+        raise ValueError(
+            f"draw_rollout_counterfactuals needs one rollout per text: got {len(texts)} texts for "
+            f"{len(prompts)} prompts, {len(rationales)} rationales and {len(answers)} answers"
+        )
+    keys = [draw_seed(seed, step, role, p, x, y) for p, x, y in zip(prompts, rationales, answers)]
+    return draw_counterfactuals(texts, generator, k, keys=keys)

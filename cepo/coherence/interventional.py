@@ -30,67 +30,17 @@ changes only the number the rationale concludes with; :class:`~cepo.coherence.co
 
 from __future__ import annotations
 
-import random
-import re
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from cepo.coherence.counterfactuals import Counterfactual
+from cepo.answers.conclusion import conclusion_span, conclusion_value  # noqa: F401 - re-exported
+from cepo.coherence.counterfactuals import ConclusionEdit, Counterfactual, draw_rollout_counterfactuals
 from cepo.policy.forward import autocast_off, backbone_and_head, gather_logprobs
-
-# The rationale's conclusion: the number on the right of its last "=" ("= 9", "=12", "= $1,234", "= -3.5").
-CONCLUSION = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
-
-
-def conclusion_span(text: str) -> tuple[int, int] | None:
-    """``(start, end)`` of the number the text concludes with (the right side of its last ``=``), or None."""
-    last = None
-    for last in CONCLUSION.finditer(text):
-        pass
-    return None if last is None else last.span(1)
-
-
-def conclusion_value(text: str) -> float | int | None:
-    """The number the text concludes with, as int where integral, or None if it has no ``= number``."""
-    span = conclusion_span(text)
-    if span is None:
-        return None
-    value = float(text[span[0] : span[1]].replace(",", ""))
-    return int(value) if value.is_integer() else value
-
-
-@dataclass(frozen=True)
-class ConclusionEdit(Counterfactual):
-    """Change only the number the rationale concludes with (right side of its last ``=``) to a nearby
-    different integer, ``value + d`` with d drawn from ``+-1 .. +-max_offset`` (kept >= 0 when the value
-    was). Everything else is kept, so the edited rationale still computes the same steps but concludes
-    something else. A text without a conclusion is returned unchanged."""
-
-    max_offset: int = 3
-    """Largest change of the concluded value."""
-
-    name: ClassVar[str] = "conclusion_edit"
-
-    def __post_init__(self) -> None:
-        if self.max_offset < 1:
-            raise ValueError(f"ConclusionEdit.max_offset must be >= 1, got {self.max_offset}")
-
-    def __call__(self, text: str, rng: random.Random) -> str:
-        span = conclusion_span(text)
-        if span is None:
-            return text
-        value = conclusion_value(text)
-        offsets = [d for d in range(-self.max_offset, self.max_offset + 1) if d]
-        if value >= 0:
-            offsets = [d for d in offsets if value + d >= 0]
-        new = value + rng.choice(offsets)
-        number = str(new) if isinstance(new, int) else f"{new:g}"
-        return text[: span[0]] + number + text[span[1] :]
+from cepo.policy.passes import scoring_mode, unwrap_ddp
 
 
 @dataclass
@@ -170,13 +120,11 @@ class InterventionalScorer:
         self.seed = seed
 
     def edits(self, prompts: Sequence[str], rationales: Sequence[str], answers: Sequence[str], step: int = 0) -> list[list[str]]:
-        """K edited rationales per rollout, seeded by (seed, step, the rollout's text): identical rollouts
-        get identical edits."""
-        out = []
-        for z, x, y in zip(prompts, rationales, answers):
-            rng = random.Random(f"{self.seed}:{step}:{z}\x00{x}\x00{y}")
-            out.append([self.counterfactual(x, rng) for _ in range(self.num_counterfactuals)])
-        return out
+        """K edited rationales per rollout, drawn by the one seeding rule of every scorer
+        (:func:`~cepo.coherence.counterfactuals.draw_rollout_counterfactuals`): identical rollouts get
+        identical edits."""
+        return draw_rollout_counterfactuals(list(rationales), self.counterfactual, self.num_counterfactuals, self.seed,
+                                            step, "rationale", list(prompts), list(rationales), list(answers))
 
     def score(
         self,
@@ -196,10 +144,17 @@ class InterventionalScorer:
         if n == 0:
             empty = torch.zeros(0)
             return InterventionalResult(empty, empty.clone() if self.mediation else None, {})
-        edited = [list(e) for e in edited_rationales] if edited_rationales is not None else self.edits(
-            prompts, rationales, answers, step)
-        if len(edited) != n or len({len(e) for e in edited}) != 1 or not edited[0]:
-            raise ValueError("edited_rationales needs one non-empty list per rollout, of the same length K")
+        if edited_rationales is None:
+            edited = self.edits(prompts, rationales, answers, step)
+        else:
+            edited = [list(e) for e in edited_rationales]
+            k = self.num_counterfactuals
+            if len(edited) != n or any(len(e) != k for e in edited):
+                raise ValueError(
+                    f"edited_rationales needs one list of num_counterfactuals={k} texts per rollout (got "
+                    f"{len(edited)} lists of lengths {sorted({len(e) for e in edited})} for {n} rollouts); "
+                    "pass K texts each or set the scorer's num_counterfactuals to their number"
+                )
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError("the tokenizer has no eos_token_id: the pass joins Z, X and Y with EOS")
@@ -216,10 +171,10 @@ class InterventionalScorer:
         k = len(edited[0])
         x_cf = [[cap_last(ids[t], self.max_rationale_tokens) for t in row] for row in edited]
 
-        model = _unwrap_ddp(model)
+        model = unwrap_ddp(model)
         with ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
-            stack.enter_context(_eval_mode(model))
+            stack.enter_context(scoring_mode(model))
             # Base sequences: l(Y|Z,X), and with mediation the VJP of l_Y.
             base_lp, energy_x, energy_z = self._base(model, z, x, y, eos, pad, stack)
             cf_rows = [(i, j) for i in range(n) for j in range(k)]
@@ -317,31 +272,3 @@ class InterventionalScorer:
                 ex[i] = float(energy[row, xs.start : xs.stop].sum())
             lp_all[torch.tensor(chunk)] = lp.detach().float().cpu()
         return lp_all, ex, ez
-
-
-def _unwrap_ddp(model: nn.Module) -> nn.Module:
-    while not hasattr(model, "get_input_embeddings") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-class _eval_mode:
-    """Eval mode (no dropout) and gradient checkpointing off for the pass; both restored afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self):
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.checkpointed = [m for m in self.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-        for m in self.checkpointed:
-            m.gradient_checkpointing = False
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        for m in self.checkpointed:
-            m.gradient_checkpointing = True
-        for m, training in self.modes:
-            m.training = training
-        return False

@@ -13,19 +13,28 @@ from __future__ import annotations
 
 from typing import Literal
 
-import gc
-import inspect
 import logging
 from collections.abc import Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from cepo.coherence import math as cm
-from cepo.coherence.counterfactuals import Counterfactual, WordShuffle, draw_counterfactuals, draw_seed
-from cepo.policy.forward import autocast_off, backbone_and_head, gather_logprobs, position_ids_from_mask, unwrap
+from cepo.coherence.counterfactuals import Counterfactual, WordShuffle, draw_rollout_counterfactuals
+from cepo.policy.cache import PrefixCache
+from cepo.policy.forward import autocast_off, backbone_and_head, gather_logprobs, position_ids_from_mask
+from cepo.policy.passes import (
+    checkpointed_layers,
+    embedding_leaf,
+    free_memory,
+    is_out_of_memory,
+    position_limit,
+    right_padded,
+    scoring_mode,
+    unwrap_ddp,
+)
 
 CHANNELS = ("zx", "xy", "zy")
 AUTO_START = 256  # micro_batch_size="auto" starts here and halves on out-of-memory
@@ -198,6 +207,7 @@ class CoherenceScorer:
         counterfactual_rationales: Sequence[Sequence[str]] | None = None,
         step: int = 0,
         prompt_contents: Sequence[str | None] | None = None,
+        draw_as: Sequence[tuple[str, str, str]] | None = None,
     ) -> CoherenceResult:
         """Channel scores of N rollouts ``(prompts[i], rationales[i], answers[i])``.
 
@@ -211,8 +221,14 @@ class CoherenceScorer:
         frame) stays in place. It is located as the last occurrence of its stripped text in the prompt;
         None, an empty string or a content the prompt does not contain (diagnostic
         ``content_not_found``) perturbs the whole prompt. ``counterfactual_prompts[i]`` /
-        ``counterfactual_rationales[i]`` (each a list of K texts, the same K for every rollout) replace
-        the drawn counterfactuals. The unhardened variant uses no counterfactuals and ignores them.
+        ``counterfactual_rationales[i]`` (each a list of K = ``num_counterfactuals`` texts; other lengths
+        are refused) replace the drawn counterfactuals. The unhardened variant uses no counterfactuals and
+        refuses them.
+
+        ``draw_as[i]``: the rollout ``(prompt, rationale, answer)`` whose seeds row i draws with (default:
+        its own texts). Rows that name the same rollout draw with the same generators, so two completions
+        that differ in one part get the same (or, for texts of the same shape, corresponding) draws of the
+        others: the reward diagnostics score each pair's members this way.
 
         A rollout whose gradients hold an inf or NaN (e.g. a half-precision overflow) is scored at the
         floor on every channel, counted in the ``skipped_nonfinite`` diagnostic and named in a logged
@@ -227,6 +243,8 @@ class CoherenceScorer:
             )
         if prompt_contents is not None and len(prompt_contents) != n:
             raise ValueError(f"prompt_contents needs one entry per rollout: got {len(prompt_contents)} for {n}")
+        if draw_as is not None and len(draw_as) != n:
+            raise ValueError(f"draw_as needs one (prompt, rationale, answer) per rollout: got {len(draw_as)} for {n}")
         if n == 0:
             empty = torch.zeros(0, dtype=torch.float32)
             return CoherenceResult(empty, empty.clone(), empty.clone(), {})
@@ -235,12 +253,20 @@ class CoherenceScorer:
             raise ValueError("the tokenizer has no eos_token_id: the coherence pass joins Z, X and Y with EOS")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         contents = [None] * n if prompt_contents is None else [c or None for c in prompt_contents]
-        given_p = _checked_given("counterfactual_prompts", counterfactual_prompts, n) if self.hardened else None
-        given_x = _checked_given("counterfactual_rationales", counterfactual_rationales, n) if self.hardened else None
+        if not self.hardened and (counterfactual_prompts is not None or counterfactual_rationales is not None):
+            raise ValueError(
+                "coherence scorer: counterfactual texts were given, but the unhardened scorer (hardened=false) uses "
+                "none; leave them out or set hardened=true"
+            )
+        k = self.num_counterfactuals
+        given_p = _checked_given("counterfactual_prompts", counterfactual_prompts, n, k)
+        given_x = _checked_given("counterfactual_rationales", counterfactual_rationales, n, k)
 
         # Every distinct rollout once: the score depends on nothing but these texts (and the step).
+        seeds = [(prompts[i], rationales[i], answers[i]) for i in range(n)] if draw_as is None else [
+            tuple(texts) for texts in draw_as]
         keys = [
-            (prompts[i], contents[i], rationales[i], answers[i],
+            (prompts[i], contents[i], rationales[i], answers[i], seeds[i],
              None if given_p is None else tuple(given_p[i]), None if given_x is None else tuple(given_x[i]))
             for i in range(n)
         ]
@@ -256,24 +282,24 @@ class CoherenceScorer:
         u_rationales = [rationales[i] for i in rows]
         u_answers = [answers[i] for i in rows]
         cf_prompts, cf_rationales, not_found = self._counterfactual_texts(
-            u_prompts, [contents[i] for i in rows], u_rationales, u_answers,
+            u_prompts, [contents[i] for i in rows], u_rationales, [seeds[i] for i in rows],
             None if given_p is None else [given_p[i] for i in rows],
             None if given_x is None else [given_x[i] for i in rows],
             step,
         )
-        limit = _position_limit(model)
+        limit = position_limit(model)
         sequences = self._sequences(tokenizer, u_prompts, u_rationales, u_answers, cf_prompts, cf_rationales, limit, rows)
         truncated = {seq.rollout for seq in sequences if seq.truncated}
         n_z_cf = len(cf_prompts[0]) if cf_prompts else 0
         n_x_cf = len(cf_rationales[0]) if cf_rationales else 0
 
-        model = _unwrap_ddp(model)
+        model = unwrap_ddp(model)
         with ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(_scoring_mode(model))
+            stack.enter_context(scoring_mode(model))
             if self.activation_checkpointing:
-                stack.enter_context(_checkpointed_layers(model))
+                stack.enter_context(checkpointed_layers(model))
             per_rollout, nonfinite = self._run(model, sequences, len(rows), eos, pad, n_z_cf, n_x_cf)
         if nonfinite:
             copies = {u: [i for i in range(n) if inverse[i] == u] for u in nonfinite}
@@ -304,26 +330,27 @@ class CoherenceScorer:
 
     # ------------------------------------------------------------------ inputs
 
-    def _counterfactual_texts(self, prompts, contents, rationales, answers, given_prompts, given_rationales, step):
-        """``(cf_prompts, cf_rationales, rows whose content was not found)``. Draws are seeded by the
-        rollout's texts and the step, never by its position in the batch."""
+    def _counterfactual_texts(self, prompts, contents, rationales, seeds, given_prompts, given_rationales, step):
+        """``(cf_prompts, cf_rationales, rows whose content was not found)``. Row i's draws are seeded by the
+        step and ``seeds[i]``, the (prompt, rationale, answer) it draws as, never by its position in the batch."""
         if not self.hardened:
             return [], [], set()
         k = self.num_counterfactuals
         not_found: set[int] = set()
+        seed_z, seed_x, seed_y = ([row[j] for row in seeds] for j in range(3))
         if given_prompts is None:
             spans = [_content_span(p, c) for p, c in zip(prompts, contents)]
             not_found = {i for i, (c, span) in enumerate(zip(contents, spans)) if c is not None and span is None}
             bodies = [p if span is None else p[span[0] : span[1]] for p, span in zip(prompts, spans)]
-            keys = [draw_seed(self.seed, step, "prompt", p, x, y) for p, x, y in zip(prompts, rationales, answers)]
-            drawn = draw_counterfactuals(bodies, self.counterfactual, k, keys=keys)
+            drawn = draw_rollout_counterfactuals(bodies, self.counterfactual, k, self.seed, step, "prompt", seed_z,
+                                                 seed_x, seed_y)
             given_prompts = [
                 row if span is None else [p[: span[0]] + text + p[span[1] :] for text in row]
                 for p, span, row in zip(prompts, spans, drawn)
             ]
         if given_rationales is None:
-            keys = [draw_seed(self.seed, step, "rationale", p, x, y) for p, x, y in zip(prompts, rationales, answers)]
-            given_rationales = draw_counterfactuals(rationales, self.counterfactual, k, keys=keys)
+            given_rationales = draw_rollout_counterfactuals(list(rationales), self.counterfactual, k, self.seed, step,
+                                                            "rationale", seed_z, seed_x, seed_y)
         return [list(t) for t in given_prompts], [list(t) for t in given_rationales], not_found
 
     def _sequences(self, tokenizer, prompts, rationales, answers, cf_prompts, cf_rationales, limit=None, rows=None):
@@ -391,10 +418,10 @@ class CoherenceScorer:
             try:
                 scores, bad = self._score_chunk(model, chunk, by_rollout, size, eos, pad, n_z_cf, n_x_cf)
             except Exception as err:  # noqa: BLE001 - only out-of-memory errors are retried
-                if self.micro_batch_size != "auto" or size == 1 or not _is_out_of_memory(err):
+                if self.micro_batch_size != "auto" or size == 1 or not is_out_of_memory(err):
                     raise
                 self._auto_size = size // 2
-                _free_memory(model)
+                free_memory(model)
                 logger.info("coherence scorer: out of memory at micro-batch %d, retrying at %d", size, size // 2)
                 continue
             nonfinite.update(bad)
@@ -447,7 +474,7 @@ class CoherenceScorer:
         embed = model.get_input_embeddings()
         device = embed.weight.device
         tokens = [seq.z + [eos] + seq.x + [eos] + seq.y for seq in batch]
-        ids, mask = _right_padded(tokens, pad, device)
+        ids, mask = right_padded(tokens, pad, device)
         scored = []  # (row, position, is_y): the hidden state at position - 1 scores the token there
         for b, seq in enumerate(batch):
             x_start = len(seq.z) + 1
@@ -455,7 +482,7 @@ class CoherenceScorer:
             if seq.kind != _RATIONALE_CF:
                 scored += [(b, t, False) for t in range(x_start, x_start + len(seq.x))]
             scored += [(b, t, True) for t in range(y_start, y_start + len(seq.y))]
-        E = _embedding_leaf(embed, ids)
+        E = embedding_leaf(embed, ids)
         position_ids = position_ids_from_mask(mask)
         return self._vjps(model, E, ids, mask, position_ids, scored, need_x=True)
 
@@ -509,7 +536,7 @@ class CoherenceScorer:
         prefixes = {seqs[j].rollout: seqs[j].z + [eos] for j in work}  # one per rollout, in first-seen order
         prefix_of = {rollout: row for row, rollout in enumerate(prefixes)}
         # A checkpointed layer would append the suffix to the cache a second time when it is recomputed.
-        prefix = None if self.activation_checkpointing else _PrefixCache.build(model, list(prefixes.values()), pad)
+        prefix = None if self.activation_checkpointing else PrefixCache.build(model, list(prefixes.values()), pad)
         for start in range(0, len(work), size):
             batch = [seqs[j] for j in work[start : start + size]]
             if prefix is None:
@@ -522,12 +549,12 @@ class CoherenceScorer:
                 out[j] = G_Y[row, off : off + len(seqs[j].x)].clone()
         return out  # type: ignore[return-value]
 
-    def _suffix_gradients(self, model, prefix: _PrefixCache, rows: list[int], batch, eos: int, pad: int) -> Tensor:
+    def _suffix_gradients(self, model, prefix: PrefixCache, rows: list[int], batch, eos: int, pad: int) -> Tensor:
         """G_Y ``(B, S, d)`` float32 over the suffix ``[X~] <eos> [Y]`` of each row, run after row
         ``rows[b]`` of the cached prefix."""
         embed = model.get_input_embeddings()
         device = embed.weight.device
-        ids, suffix_mask = _right_padded([seq.x + [eos] + seq.y for seq in batch], pad, device)
+        ids, suffix_mask = right_padded([seq.x + [eos] + seq.y for seq in batch], pad, device)
         rows_t = torch.tensor(rows, dtype=torch.long, device=device)
         # Padding rows of the prefix stay masked; positions continue after each row's own prefix.
         mask = torch.cat([prefix.mask[rows_t], suffix_mask], dim=1)
@@ -538,7 +565,7 @@ class CoherenceScorer:
         for b, seq in enumerate(batch):
             y_start = len(seq.x) + 1
             scored += [(b, t, True) for t in range(y_start, y_start + len(seq.y))]
-        E = _embedding_leaf(embed, ids)
+        E = embedding_leaf(embed, ids)
         _, G_Y = self._vjps(model, E, ids, mask, position_ids, scored, need_x=False, cache=prefix.select(rows_t))
         return G_Y
 
@@ -599,14 +626,19 @@ class CoherenceScorer:
 # ---------------------------------------------------------------------- helpers
 
 
-def _checked_given(name: str, given, n: int) -> list[list[str]] | None:
-    """Caller-supplied counterfactual texts, checked: one list per rollout, the same K for every one."""
+def _checked_given(name: str, given, n: int, k: int) -> list[list[str]] | None:
+    """Caller-supplied counterfactual texts, checked: one list of K = ``num_counterfactuals`` texts per
+    rollout (K is the scorer's, never re-derived from the lists)."""
     if given is None:
         return None
     if len(given) != n:
         raise ValueError(f"{name} needs one list per rollout: got {len(given)} for {n} rollouts")
-    if len({len(texts) for texts in given}) > 1:
-        raise ValueError(f"{name} must hold the same number of texts for every rollout")
+    lengths = sorted({len(texts) for texts in given})
+    if lengths and lengths != [k]:
+        raise ValueError(
+            f"{name} holds lists of {lengths} texts, but the scorer's num_counterfactuals is {k}; pass {k} texts "
+            "per rollout or set num_counterfactuals to their number"
+        )
     return [list(texts) for texts in given]
 
 
@@ -619,17 +651,6 @@ def _content_span(prompt: str, content: str | None) -> tuple[int, int] | None:
     text = content.strip()
     start = prompt.rfind(text)
     return None if start < 0 else (start, start + len(text))
-
-
-def _position_limit(model: nn.Module) -> int | None:
-    """The most positions the model takes (``max_position_embeddings``, GPT-2's ``n_positions``), or None."""
-    inner = _unwrap_ddp(model)
-    config = getattr(unwrap(inner), "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _fit(z: list[int], x: list[int], y: list[int], limit: int) -> tuple[list[int], list[int], list[int]]:
@@ -645,163 +666,10 @@ def _fit(z: list[int], x: list[int], y: list[int], limit: int) -> tuple[list[int
     return z, x, y
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
-    """True for an accelerator's or the host's allocation failure."""
-    oom = getattr(torch, "OutOfMemoryError", None)
-    if oom is not None and isinstance(err, oom):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _free_memory(model: nn.Module) -> None:
-    gc.collect()
-    device = model.get_input_embeddings().weight.device
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-@contextmanager
-def _checkpointed_layers(model: nn.Module):
-    """Non-reentrant activation checkpointing of every decoder layer for the duration of the pass.
-
-    transformers checkpoints only in training mode, and the pass runs in eval mode (no dropout), so the
-    layers' ``forward`` is wrapped here instead. The VJPs use ``torch.autograd.grad``, which supports
-    non-reentrant checkpointing (``torch.func`` transforms do not)."""
-    from torch.utils.checkpoint import checkpoint
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise ValueError(
-            f"activation_checkpointing: found no decoder layers to checkpoint in {type(model).__name__}; "
-            "set activation_checkpointing false"
-        )
-    patched = []
-    for layer in layers:
-        forward = layer.forward
-
-        def run(*args, _forward=forward, **kwargs):
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        layer.forward = run
-        patched.append(layer)
-    try:
-        yield
-    finally:
-        for layer in patched:
-            del layer.forward  # back to the class's method
-
-
 def _keep_last(ids: list[int], cap: int | None) -> list[int]:
     if cap is None or len(ids) <= cap:
         return list(ids)
     return list(ids[len(ids) - cap :])
-
-
-def _right_padded(tokens: list[list[int]], pad: int, device) -> tuple[Tensor, Tensor]:
-    """``(ids, attention mask)``, each ``(B, max length)``, of right-padded token lists."""
-    width = max((len(t) for t in tokens), default=0)
-    ids = torch.full((len(tokens), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(tokens), width), dtype=torch.long)
-    for b, t in enumerate(tokens):
-        ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-        mask[b, : len(t)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _embedding_leaf(embed: nn.Module, ids: Tensor) -> Tensor:
-    """The input embeddings of ``ids`` as a fresh leaf that requires grad, so the VJPs stop there and touch
-    no parameter (with LoRA the embedding layer is frozen, so its own output would not require grad)."""
-    with torch.no_grad():
-        E = embed(ids)
-    return E.detach().requires_grad_()
-
-
-@dataclass
-class _PrefixCache:
-    """Key/value states of right-padded prefixes ``[Z] <eos>``, one row per rollout, computed without
-    grad. ``layers``: per decoder layer ``(keys, values)``, each ``(R, heads, P, head_dim)``; ``mask``
-    ``(R, P)``; ``lengths`` ``(R,)``, the real tokens of each row; ``keyword``: the decoder's name for
-    its cache argument (``cache`` in transformers 5, ``past_key_values`` before)."""
-
-    layers: list[tuple[Tensor, Tensor]]
-    mask: Tensor
-    lengths: Tensor
-    keyword: str
-
-    @classmethod
-    def build(cls, model: nn.Module, prefixes: list[list[int]], pad: int) -> _PrefixCache | None:
-        """The cache of ``prefixes``, or None where the model's cache cannot be reused across rows
-        (sliding-window or chunked attention, or a cache that is not a plain dynamic key/value cache)."""
-        decoder, _ = backbone_and_head(model)
-        keyword = _cache_keyword(decoder)
-        if keyword is None or _has_local_attention(getattr(decoder, "config", None)):
-            return None
-        embed = model.get_input_embeddings()
-        device = embed.weight.device
-        ids, mask = _right_padded(prefixes, pad, device)
-        with torch.no_grad(), autocast_off(device):
-            out = decoder(
-                inputs_embeds=embed(ids),
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                use_cache=True,
-                **{keyword: None},
-            )
-        layers = _plain_key_values(getattr(out, keyword, None))
-        if layers is None:
-            return None
-        return cls(layers, mask, mask.sum(dim=1), keyword)
-
-    def select(self, rows: Tensor) -> tuple[str, object]:
-        """``(keyword, cache)``: a fresh dynamic cache holding prefix row ``rows[b]`` as batch row b."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for layer, (keys, values) in enumerate(self.layers):
-            cache.update(keys[rows], values[rows], layer)
-        return self.keyword, cache
-
-
-def _cache_keyword(decoder: nn.Module) -> str | None:
-    """The name of the decoder's key/value cache argument, or None if it takes none."""
-    try:
-        parameters = inspect.signature(decoder.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    for name in ("cache", "past_key_values"):
-        if name in parameters:
-            return name
-    return None
-
-
-def _has_local_attention(config) -> bool:
-    """True if some layer attends to a window or chunk only (its cache would drop prefix positions)."""
-    if config is None:
-        return True
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return True
-    if getattr(config, "attention_chunk_size", None):
-        return True
-    layer_types = getattr(config, "layer_types", None)
-    return bool(layer_types) and any(t != "full_attention" for t in layer_types)
-
-
-def _plain_key_values(cache) -> list[tuple[Tensor, Tensor]] | None:
-    """Per-layer ``(keys, values)`` of a dynamic cache with one full-attention layer entry per decoder
-    layer, or None for any other kind of cache."""
-    if cache is None or type(cache).__name__ != "DynamicCache":
-        return None
-    layers = getattr(cache, "layers", None)
-    if layers is not None:  # transformers >= 4.56
-        if any(type(layer).__name__ != "DynamicLayer" or layer.keys is None for layer in layers):
-            return None
-        return [(layer.keys, layer.values) for layer in layers]
-    keys, values = getattr(cache, "key_cache", None), getattr(cache, "value_cache", None)
-    if keys is None or values is None:
-        return None
-    return list(zip(keys, values))
 
 
 def _pad_stack(mats: list[Tensor]) -> Tensor:
@@ -825,24 +693,3 @@ def _mean_k(J_cf: Tensor) -> Tensor:
     return J_cf.mean(dim=1) if J_cf.shape[1] else J_cf.new_zeros(J_cf.shape[:1] + J_cf.shape[2:])
 
 
-def _unwrap_ddp(model: nn.Module) -> nn.Module:
-    while not hasattr(model, "get_input_embeddings") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-@contextmanager
-def _scoring_mode(model: nn.Module):
-    """Eval mode (no dropout) and gradient checkpointing off for the pass; both restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    try:
-        for m in checkpointed:
-            m.gradient_checkpointing = False
-        model.eval()
-        yield
-    finally:
-        for m in checkpointed:
-            m.gradient_checkpointing = True
-        for m, training in modes:
-            m.training = training

@@ -6,7 +6,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from cepo.data.example import Example
+from cepo.records import Example
 from cepo.data.sources import DatasetSource, ShortcutTask
 
 
@@ -126,6 +126,12 @@ class PromptDataModule(LightningDataModule):
         if id(source) not in self._cache:
             self._cache[id(source)] = source.load()
         return self._cache[id(source)]
+
+    def eval_examples(self, stage: str) -> dict[str, list[Example]]:
+        """``{source name: its examples}`` of the test sources (``stage="test"``) or the validation sources
+        (any other stage), each loaded once."""
+        sources = self.test_sources if stage == "test" else self.val_sources
+        return {source.name: self._examples(source) for source in sources}
 
     def setup(self, stage: str) -> None:
         for source in self._sources(stage):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from cepo.data.example import Example
+from cepo.records import Example
 from cepo.data.sources import DatasetSource
 
 STDIN = "-"
@@ -63,7 +63,7 @@ class PromptFile(DatasetSource):
             raise FileNotFoundError(f"PromptFile.path={self.path!r}: no such file; give a .jsonl/.json/.csv/.txt file or '-' for stdin")
         if path.suffix.lower() in _TEXT_SUFFIXES:
             return [{self.question_field: line} for line in path.read_text().splitlines() if line.strip()]
-        from cepo.data.datasets import load_records
+        from cepo.data.readers import load_records
 
         return load_records(str(path))
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from cepo.answers.parsing import answer_instruction
-from cepo.data.datasets import FAMILY_BY_ADAPTER
-from cepo.data.example import PROMPT_FAMILIES, Example
+from cepo.data.adapters import FAMILY_BY_ADAPTER
+from cepo.records import PROMPT_FAMILIES, Example
 
 FAMILIES = PROMPT_FAMILIES
 
-# FAMILY_BY_ADAPTER is filled by cepo.data.datasets.register_adapter; sources without an adapter:
+# FAMILY_BY_ADAPTER is filled by cepo.data.adapters.register_adapter; sources without an adapter:
 _FAMILY_BY_SOURCE = {"shortcut": "raw"}  # the embedded task writes its prompts verbatim
 
 _FAMILY_BY_KIND = {"math": "math", "number": "math", "choice": "multiple_choice", "yes_no": "yes_no"}

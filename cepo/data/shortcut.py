@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from cepo.data.example import Example
+from cepo.records import Example
 
 SPLITS = ("train", "in_distribution", "flipped", "edited")
 # Operand range and chain length of each variant; explicit ``n_steps``/``max_operand``/``min_operand``

@@ -12,7 +12,7 @@ from typing import Literal
 from lightning.pytorch.utilities import rank_zero_warn
 
 from cepo.data.datasets import ADAPTERS, load_examples, paper_training_mix
-from cepo.data.example import Example
+from cepo.records import Example
 from cepo.data.shortcut import shortcut_examples
 
 

@@ -7,13 +7,13 @@ else is an *unfaithful right answer*: right for a reason the rationale does not 
 
 from __future__ import annotations
 
-from cepo.coherence.interventional import conclusion_value
+from cepo.answers.conclusion import conclusion_value
 
 
 def rationale_value(rationale: str) -> float | None:
     """The value the rationale derived last (right-hand side of its last ``=``: "= 9", "=12", "= -3.5",
     "= 1,234"), or None if none. The one definition of a rationale's conclusion is
-    :func:`cepo.coherence.interventional.conclusion_value`, shared with the rationale edits."""
+    :func:`cepo.answers.conclusion.conclusion_value`, shared with the rationale edits."""
     return conclusion_value(rationale)
 
 

@@ -11,7 +11,6 @@ backward pass, so the peak is a few chunks of logits whatever the micro-batch si
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
+from cepo.policy.cache import cache_keyword, has_local_attention
 from cepo.policy.forward import backbone_and_head, hidden_states, position_ids_from_mask
 
 LOGITS_CHUNK_ELEMENTS = 1 << 24
@@ -130,27 +130,14 @@ def completion_logprobs(
     return logp, entropy, (scoring if return_hidden else None)
 
 
-def _cache_keyword(decoder: nn.Module) -> str | None:
-    """``cache`` in current transformers, ``past_key_values`` in models that still use the old name, None
-    for a decoder that takes no cache."""
-    parameters = inspect.signature(decoder.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
-
-
-def _has_local_attention(config) -> bool:
-    """Sliding-window or chunked attention layers: their caches drop old keys, so run full sequences."""
-    layer_types = getattr(config, "layer_types", None) or []
-    return any(kind != "full_attention" for kind in layer_types)
-
-
 def _scoring_hidden_shared_prompts(decoder: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                                    completion_ids: Tensor, completion_mask: Tensor) -> Tensor | None:
     """Scoring hidden states ``(B, T, hidden)`` with each distinct prompt run once: the G samples of a
     group share their prompt, so its keys and values are computed for one row and gathered for all G,
     and only the completion tokens run per row. None (run full sequences) when no two rows share a
     prompt, or the decoder takes no cache or has local-attention layers."""
-    keyword = _cache_keyword(decoder)
-    if keyword is None or _has_local_attention(decoder.config):
+    keyword = cache_keyword(decoder)
+    if keyword is None or has_local_attention(decoder.config):
         return None
     width = prompt_ids.shape[1]
     unique, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from cepo.answers.matching import answers_match
-from cepo.rollout import Rollout
+from cepo.records import Rollout
 
 
 def check_reward_values(name: str, values: Tensor) -> None:

@@ -8,7 +8,7 @@ back a wrong answer (design reference, section 5).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -74,3 +74,16 @@ def power_mean(values: Tensor, weights: Tensor | Sequence[float], p: float) -> T
         else:
             out = torch.exp(torch.logsumexp(w.log() + p * log_v, dim=1) / p)
     return out.clamp(0.0, 1.0).to(out_dtype)
+
+
+def fuse_terms(terms: Mapping[str, Tensor], weights: Mapping[str, float], p: float) -> Tensor:
+    """The fused reward ``(N,)``: the weighted power mean (exponent ``p``) of the reward terms ``(N,)`` each,
+    weighted by ``weights[name]``; the one fusion that training and the reward diagnostics share.
+
+    All-zero weights are an error: there is nothing to fuse (the power mean would treat them as uniform).
+    """
+    names = list(terms)
+    w = torch.tensor([weights[name] for name in names])
+    if float(w.sum()) <= 0:
+        raise ValueError(f"all reward terms {names} have weight 0; give at least one a positive weight")
+    return power_mean(torch.stack([terms[name] for name in names], dim=1), w, p)

@@ -37,7 +37,7 @@ from cepo.rl.losses import (
     policy_objective,
 )
 from cepo.rl.reductions import entropy_from_logits, local_sum, masked_mean, masked_sum, whiten
-from cepo.rl.registry import Registry
+from cepo.registry import Registry
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "ADVANTAGE_SCALES", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES",

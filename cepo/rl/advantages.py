@@ -8,21 +8,27 @@ Each registry entry of :data:`ADVANTAGE_ESTIMATORS` wraps one of the pure functi
 call ``estimator.compute(inputs, **options) -> (advantages, returns)`` where ``inputs`` is an
 :class:`AdvantageInputs`, ``advantages`` is (N,) (one value per sequence, broadcast over its tokens) or
 (N, T), and ``returns`` is (N, T) for a critic to regress on, or None. Its flags tell the training loop what
-to prepare: ``group_relative`` (needs G > 1), ``needs_critic`` (values), ``needs_token_rewards``.
+to prepare: ``group_relative`` (needs G > 1), ``needs_critic`` (values), ``needs_token_rewards``; its
+``options`` name the configuration options it reads, and it is called with those alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from cepo.rl.reductions import GlobalSum, local_sum, whiten
-from cepo.rl.registry import Registry
+from cepo.registry import Registry
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
+AdvantageScale = Literal[ADVANTAGE_SCALES]  # the configuration's type: the choices are written once, above
+# Every option an estimator may read; each estimator declares the ones it reads (AdvantageEstimator.options)
+# and is called with those alone, so an option set for an estimator that does not read it is refused at setup.
+ADVANTAGE_OPTIONS = ("scale", "min_std", "per_term", "gamma", "lam")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,18 +276,25 @@ class AdvantageInputs:
 
 @dataclass(frozen=True)
 class AdvantageEstimator:
-    """A registered estimator: ``compute(inputs, **options) -> (advantages, returns or None)``."""
+    """A registered estimator: ``compute(inputs, **options) -> (advantages, returns or None)``, called with
+    exactly the options it names in ``options`` (a subset of :data:`ADVANTAGE_OPTIONS`)."""
 
     compute: Callable[..., tuple[Tensor, Tensor | None]]
     group_relative: bool = False
     needs_critic: bool = False
     needs_token_rewards: bool = False
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.options) - set(ADVANTAGE_OPTIONS))
+        if unknown:
+            raise ValueError(f"advantage estimator options {unknown} are not among {ADVANTAGE_OPTIONS}")
 
 
 ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
 
-def _grpo(inputs: AdvantageInputs, *, scale: str, min_std: float, per_term: bool, **_) -> tuple[Tensor, None]:
+def _grpo(inputs: AdvantageInputs, *, scale: str, min_std: float, per_term: bool) -> tuple[Tensor, None]:
     if per_term:
         if inputs.terms is None or inputs.term_weights is None:
             raise ValueError("per-term advantages need the reward terms and their weights")
@@ -293,21 +306,24 @@ def _grpo(inputs: AdvantageInputs, *, scale: str, min_std: float, per_term: bool
     return advantages, None
 
 
-def _rloo(inputs: AdvantageInputs, **_) -> tuple[Tensor, None]:
+def _rloo(inputs: AdvantageInputs) -> tuple[Tensor, None]:
     return rloo_advantages(inputs.scores, inputs.group_size), None
 
 
-def _reinforce_pp(inputs: AdvantageInputs, *, gamma: float, **_) -> tuple[Tensor, Tensor]:
+def _reinforce_pp(inputs: AdvantageInputs, *, gamma: float) -> tuple[Tensor, Tensor]:
     return reinforce_pp_advantages(inputs.token_rewards, inputs.mask, gamma, inputs.global_sum or local_sum)
 
 
-def _gae(inputs: AdvantageInputs, *, gamma: float, lam: float, **_) -> tuple[Tensor, Tensor]:
+def _gae(inputs: AdvantageInputs, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     return gae(inputs.token_rewards, inputs.values, inputs.mask, gamma, lam)
 
 
-ADVANTAGE_ESTIMATORS.register("grpo")(AdvantageEstimator(_grpo, group_relative=True))
+ADVANTAGE_ESTIMATORS.register("grpo")(
+    AdvantageEstimator(_grpo, group_relative=True, options=("scale", "min_std", "per_term")))
 ADVANTAGE_ESTIMATORS.register("rloo")(AdvantageEstimator(_rloo, group_relative=True))
-ADVANTAGE_ESTIMATORS.register("reinforce_pp")(AdvantageEstimator(_reinforce_pp, needs_token_rewards=True))
-ADVANTAGE_ESTIMATORS.register("gae")(AdvantageEstimator(_gae, needs_critic=True, needs_token_rewards=True))
+ADVANTAGE_ESTIMATORS.register("reinforce_pp")(
+    AdvantageEstimator(_reinforce_pp, needs_token_rewards=True, options=("gamma",)))
+ADVANTAGE_ESTIMATORS.register("gae")(
+    AdvantageEstimator(_gae, needs_critic=True, needs_token_rewards=True, options=("gamma", "lam")))
 
 AdvantageEstimatorName = ADVANTAGE_ESTIMATORS.literal()

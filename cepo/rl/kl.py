@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from cepo.rl.registry import Registry
+from cepo.registry import Registry
 
 KLEstimator = Callable[[Tensor, Tensor], Tensor]
 KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator")

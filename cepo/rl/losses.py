@@ -23,7 +23,7 @@ from torch import Tensor
 
 from cepo.rl.kl import KL_ESTIMATORS
 from cepo.rl.reductions import masked_mean, masked_sum
-from cepo.rl.registry import Registry
+from cepo.registry import Registry
 
 PolicyLoss = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")

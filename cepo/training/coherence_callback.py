@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import lightning as L
 
 from cepo.coherence.scorer import CHANNELS, CoherenceScorer
+from cepo.records import Rollout
 from cepo.rewards.base import NetworkReward
-from cepo.rollout import Rollout
-
-from cepo.training.scoring_network import NETWORKS, LaggedPolicy, check_network, scoring_network  # noqa: F401
+from cepo.policy.lagged import LaggedPolicy
+from cepo.rewards.network import NetworkName, check_network, lagged_copy, score_coherence
 
 
 class CoherenceRewardCallback(L.Callback, NetworkReward):
@@ -26,7 +25,7 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
     def __init__(
         self,
         scorer: CoherenceScorer | None = None,
-        network: Literal["reference", "policy", "lagged"] = "reference",
+        network: NetworkName = "reference",
         weight_zx: float = 0.1,
         weight_xy: float = 0.1,
         weight_zy: float = 0.1,
@@ -39,9 +38,8 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
                 caps, floor, hardened or naive). Default: ``CoherenceScorer()``, K = 4 word shuffles.
             network: Which network's gradients are scored: ``"reference"`` (the frozen initial policy,
                 the authors' choice: the LoRA policy with its adapter disabled, or a frozen starting
-                adapter), ``"policy"`` (the current policy) or ``"lagged"`` (the policy as it was at the
-                last refresh, every ``lag_steps`` rollout steps: a guard against the policy gaming its
-                own score; see :mod:`cepo.training.scoring_network`).
+                adapter), ``"policy"`` (the current policy) or ``"lagged"`` (the policy as it was at the last
+                refresh, every ``lag_steps`` rollout steps: a guard against the policy gaming its own score).
             weight_zx: Combiner weight of S_ZX, the rationale's dependence on the prompt (0 = logged
                 only).
             weight_xy: Combiner weight of S_XY, the answer's dependence on the rationale (0 = logged
@@ -49,9 +47,11 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
             weight_zy: Combiner weight of S_ZY, the answer's direct dependence on the prompt (0 =
                 logged only).
             score_during_eval: Also score validation/test rollouts (costs one Jacobian pass per batch).
+            lag_steps: Rollout steps between refreshes of the lagged copy (``network: lagged`` only; see
+                :mod:`cepo.policy.lagged`).
         """
         super().__init__()
-        check_network("CoherenceRewardCallback", network, lag_steps)
+        check_network("CoherenceRewardCallback", network)
         for name, weight in (("weight_zx", weight_zx), ("weight_xy", weight_xy), ("weight_zy", weight_zy)):
             if not weight >= 0:
                 raise ValueError(f"CoherenceRewardCallback: {name} must be >= 0, got {weight}")
@@ -66,18 +66,9 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
         if rollout.stage != "train" and not self.score_during_eval:
             return
         start = time.perf_counter()
-        # Only pl_module attributes are used: under DDP the module the trainer runs may be wrapped.
-        kwargs = dict(
-            tokenizer=pl_module.tokenizer,
-            prompts=rollout.prompts,
-            rationales=rollout.rationales,
-            answers=rollout.answers,
-            step=int(step),
-            # Shuffled prompts perturb the question, not the chat template or instruction around it.
-            prompt_contents=[getattr(example, "question", None) for example in rollout.examples],
-        )
-        with scoring_network(pl_module, self.network, self.lagged, int(step)) as net:
-            result = self.scorer.score(net, **kwargs)
+        with lagged_copy(pl_module, self.lagged, step):
+            result = score_coherence(pl_module, self.network, self.scorer, rollout.examples, rollout.prompts,
+                                     rollout.rationales, rollout.answers, step)
         for channel in CHANNELS:
             rollout.add_reward(f"coherence_{channel}", getattr(result, channel), self.weights[channel])
         for key, values in result.diagnostics.items():

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import lightning as L
 
 from cepo.coherence.interventional import InterventionalScorer
+from cepo.records import Rollout
 from cepo.rewards.base import NetworkReward
-from cepo.rollout import Rollout
-from cepo.training.scoring_network import LaggedPolicy, check_network, scoring_network
+from cepo.policy.lagged import LaggedPolicy
+from cepo.rewards.network import NetworkName, check_network, lagged_copy, score_interventional
 
 
 class InterventionalRewardCallback(L.Callback, NetworkReward):
@@ -26,7 +26,7 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
     def __init__(
         self,
         scorer: InterventionalScorer | None = None,
-        network: Literal["reference", "policy", "lagged"] = "reference",
+        network: NetworkName = "reference",
         weight_do: float = 0.1,
         weight_med: float = 0.0,
         score_during_eval: bool = False,
@@ -37,16 +37,16 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
             scorer: The interventional scorer (number and kind of rationale edits, mediation on/off, caps,
                 floor). Default: ``InterventionalScorer()``, K = 2 conclusion edits, mediation on.
             network: Which network scores: ``"reference"`` (the frozen initial policy), ``"policy"`` or
-                ``"lagged"`` (the policy as it was at the last refresh, every ``lag_steps`` rollout steps;
-                see :mod:`cepo.training.scoring_network`).
+                ``"lagged"`` (the policy as it was at the last refresh, every ``lag_steps`` rollout steps).
             weight_do: Combiner weight of S_do (0 = logged only).
             weight_med: Combiner weight of S_med (0 = logged only; ignored when the scorer has
                 ``mediation: false``).
             score_during_eval: Also score validation/test rollouts.
-            lag_steps: Rollout steps between refreshes of the lagged copy (``network: lagged`` only).
+            lag_steps: Rollout steps between refreshes of the lagged copy (``network: lagged`` only; see
+                :mod:`cepo.policy.lagged`).
         """
         super().__init__()
-        check_network("InterventionalRewardCallback", network, lag_steps)
+        check_network("InterventionalRewardCallback", network)
         for name, weight in (("weight_do", weight_do), ("weight_med", weight_med)):
             if not weight >= 0:
                 raise ValueError(f"InterventionalRewardCallback: {name} must be >= 0, got {weight}")
@@ -63,10 +63,9 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
         if rollout.stage != "train" and not self.score_during_eval:
             return
         start = time.perf_counter()
-        kwargs = dict(tokenizer=pl_module.tokenizer, prompts=rollout.prompts, rationales=rollout.rationales,
-                      answers=rollout.answers, step=int(step))
-        with scoring_network(pl_module, self.network, self.lagged, int(step)) as net:
-            result = self.scorer.score(net, **kwargs)
+        with lagged_copy(pl_module, self.lagged, step):
+            result = score_interventional(pl_module, self.network, self.scorer, rollout.prompts,
+                                          rollout.rationales, rollout.answers, step)
         rollout.add_reward("coherence_do", result.interventional, self.weights["do"])
         if result.mediation is not None:
             rollout.add_reward("coherence_med", result.mediation, self.weights["med"])

@@ -19,7 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from cepo.answers.matching import answers_match
 from cepo.coherence.scorer import CHANNELS
-from cepo.rollout import Rollout
+from cepo.records import Rollout
+from cepo.rewards.network import score_coherence
 from cepo.training.coherence_callback import CoherenceRewardCallback
 
 STDOUT = "-"
@@ -133,14 +134,8 @@ class PredictionWriter(Callback):
 
     def _score(self, pl_module: LightningModule, rollout: Rollout) -> dict[str, torch.Tensor]:
         callback = self._scoring
-        kwargs = dict(tokenizer=pl_module.tokenizer, prompts=rollout.prompts, rationales=rollout.rationales,
-                      answers=rollout.answers, step=int(pl_module.rollout_step))
-        with torch.inference_mode(False), torch.enable_grad():  # the scorer differentiates
-            if callback.network == "reference":
-                with pl_module.reference_model() as net:
-                    result = callback.scorer.score(net, **kwargs)
-            else:
-                result = callback.scorer.score(pl_module.policy, **kwargs)
+        result = score_coherence(pl_module, callback.network, callback.scorer, rollout.examples, rollout.prompts,
+                                 rollout.rationales, rollout.answers, pl_module.rollout_step)
         return {channel: getattr(result, channel) for channel in CHANNELS}
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,15 +1,15 @@
-"""Which network a network reward scores with: the frozen reference, the current policy, or a lagged copy.
+"""A lagged copy of the policy's trained LoRA weights, refreshed every ``lag_steps`` rollout steps.
 
 ``network: policy`` lets the policy grade its own completions with its own gradients, which the policy
-can then learn to game: one seed of three collapsed on the first testbed, its S_XY falling to about 0.
-``network: lagged`` is a guard between the two: the policy's LoRA weights as they were at the last
-refresh, refreshed every ``lag_steps`` rollout steps. Within a window the scoring network does not move
-with the update it rewards, so a change of the policy that only raises its own score is not rewarded
-until the next refresh, while the scorer still follows the policy over the run (unlike the reference).
+can then learn to game: on the first testbed one seed of three collapsed, GRPO's z-scoring of all-right
+groups turning the policy's own preference for degenerate text into full-size advantages. A scorer that
+is the policy as it was at the last refresh does not move with the update it rewards, while it still
+follows the policy over the run (unlike the frozen reference). ``network: lagged`` in
+:mod:`cepo.rewards.network` scores with it.
 
-The lagged copy is a snapshot of the trained adapter's tensors swapped into the adapter while scoring
-(no second adapter is registered, so checkpoints keep their layout); the reward callback keeps the
-snapshot in its own checkpoint state, so a resumed run scores as an uninterrupted one.
+The copy is a snapshot of the trained adapter's tensors swapped into the adapter while scoring (no second
+adapter is registered, so checkpoints keep their layout); the reward that keeps it saves it in its own
+checkpoint state, so a resumed run scores as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from contextlib import contextmanager
 
 import torch
 
-NETWORKS = ("reference", "policy", "lagged")
 TRAINED_ADAPTER = "default"
 
 
@@ -82,33 +81,3 @@ class LaggedPolicy:
         self.refreshed_at = state.get("refreshed_at")
         snapshot = state.get("snapshot") or {}
         self.snapshot = dict(snapshot) if snapshot else None
-
-
-def check_network(owner: str, network: str, lag_steps: int | None) -> None:
-    """Refuse an unknown network name, and a lag on a network that has none, naming the fix."""
-    if network not in NETWORKS:
-        raise ValueError(
-            f"{owner}: network={network!r} is not supported; use 'reference' (the frozen initial policy), "
-            "'policy' (the current policy) or 'lagged' (the policy as it was up to lag_steps rollout steps ago)"
-        )
-    if network == "lagged" and (lag_steps is None or lag_steps < 1):
-        raise ValueError(f"{owner}: network='lagged' needs lag_steps >= 1, got {lag_steps!r}")
-
-
-@contextmanager
-def scoring_network(module, network: str, lagged: LaggedPolicy | None = None, step: int = 0):
-    """The network a network reward scores with at rollout step ``step``: the one place where
-    ``reference``, ``policy`` and ``lagged`` are told apart."""
-    if network == "reference":
-        with module.reference_model() as net:
-            yield net
-    elif network == "policy":
-        yield module.policy
-    elif network == "lagged":
-        if lagged is None:
-            raise ValueError("network='lagged' needs the reward's LaggedPolicy")
-        lagged.refresh_if_due(module.policy, step)
-        with lagged.applied(module.policy) as net:
-            yield net
-    else:
-        check_network("scoring_network", network, None)
