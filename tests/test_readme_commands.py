@@ -76,6 +76,7 @@ PARSED = [
     "python -m cepo.experiments.grid",
     "python -m cepo.experiments.grid --arms accuracy_only,cepo --seeds 0",
     "python -m cepo.experiments.grid --jobs 2",
+    "python -m cepo.experiments.grid --grid configs/experiments/hard_grid.yaml --out runs/hard_grid --jobs 2 --order seed",
     "python benchmarks/coherence_speed.py --rollouts 16 --k 4 --repeats 5 --threads 2",
     "python benchmarks/cepo_overhead.py --threads 1 --rounds 3 --steps 8",
     "python benchmarks/cepo_overhead.py --error-only",
