@@ -21,6 +21,7 @@ _EXPORTS = {
     "FormatReward": "cepo.rewards.base",
     "NetworkReward": "cepo.rewards.base",
     "RewardFunction": "cepo.rewards.base",
+    "FunctionReward": "cepo.rewards.function",
     "CoherenceRewardCallback": "cepo.training.coherence_callback",
     "InterventionalRewardCallback": "cepo.training.interventional_callback",
     "RewardDiagnostics": "cepo.training.diagnostics_callback",

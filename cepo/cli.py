@@ -7,12 +7,14 @@ its type, default and meaning, read from the classes' docstrings.
 from __future__ import annotations
 
 import os
+import traceback
 
 from jsonargparse import lazy_instance, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from cepo.data.datamodule import PromptDataModule
+from cepo.training.checkpoint_meta import check_checkpoint_file
 from cepo.training.checkpointing import LatestCheckpoint
 from cepo.training.export import AdapterCheckpoint, CEPOTrainer, MergedExport
 from cepo.training.module import CEPOModule
@@ -39,6 +41,17 @@ class CEPOCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction")  # `cepo predict`'s output options
         parser.add_lightning_class_args(MergedExport, "merge")  # --merge.at_fit_end true: merged model
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            cause = own_error(err)
+            if cause is None:
+                raise
+            # jsonargparse wraps an error raised while building a class in a dump of the whole parsed
+            # configuration; the option and the fix are in cepo's own message, so that is what is shown.
+            raise cause from None
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # `cepo export`: merge a checkpoint's LoRA adapter into the base weights (CEPOTrainer.export).
@@ -46,6 +59,13 @@ class CEPOCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_trainer()
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path with torch.load right after parsing; an empty or foreign file
+        # would fail there with a bare EOFError or pickle advice, so it is named first.
+        if self.config.get("subcommand"):
+            check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
 
     def after_fit(self) -> None:
         self._log_hparams()
@@ -77,6 +97,19 @@ class CEPOCLI(LightningCLI):
                 "trainer.accumulate_grad_batches and trainer.gradient_clip_val do not apply to cepo's manual "
                 "optimisation; use model.mini_batch_size/model.micro_batch_size and model.optim.max_grad_norm"
             )
+
+
+def own_error(err: BaseException) -> BaseException | None:
+    """The innermost exception in ``err``'s chain of causes when cepo's own code raised it (while
+    jsonargparse was building a class from the configuration), else None."""
+    inner = err
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    if inner is err:
+        return None
+    frames = traceback.extract_tb(inner.__traceback__)
+    package = os.path.dirname(os.path.abspath(__file__))
+    return inner if frames and os.path.abspath(frames[-1].filename).startswith(package + os.sep) else None
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict[str, object]:

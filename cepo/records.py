@@ -59,6 +59,7 @@ class Rollout:
     completion_ids: Tensor
     completion_mask: Tensor
     truncated: Tensor  # (N,) bool: no EOS within the generation budget
+    prompt_truncated: Tensor | None = None  # (N,) bool: the prompt was cut from the left to fit
     stage: str = "train"
     rewards: dict[str, Tensor] = field(default_factory=dict)  # term -> (N,) float32 on CPU
     reward_weights: dict[str, float] = field(default_factory=dict)

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from cepo.data.datasets import load_examples, load_records
+from cepo.data.prompt_file import PromptFile
 from cepo.data.sources import FileDataset
 
 SKIP_FIX = r'on_error="skip"'
@@ -32,6 +33,10 @@ GOOD = {"question": "What is 2+2?", "answer": "4"}
 
 def load(name, content, adapter="generic", **options):
     return lambda tmp_path, monkeypatch: load_examples(write(tmp_path, name, content), adapter, **options)
+
+
+def prompt_file(name, content, **options):
+    return lambda tmp_path, monkeypatch: PromptFile(write(tmp_path, name, content), **options).load()
 
 
 def folder_with(names, **options):
@@ -109,9 +114,17 @@ CASES = [
     ("unknown adapter", load("x.jsonl", jsonl(GOOD), "gsm9k"), ValueError, r"unknown dataset adapter 'gsm9k'",
      r"choose one of generic, gsm8k, math"),
     ("unknown on_error", load("x.jsonl", jsonl(GOOD), on_error="ignore"), ValueError,
-     r"on_error must be 'raise' or 'skip', got 'ignore'", r"'raise' or 'skip'"),
+     r"on_error must be 'raise' or 'skip', got 'ignore'", r"use on_error='skip' to drop malformed rows"),
     ("negative limit", load("x.jsonl", jsonl(GOOD, GOOD), limit=-1), ValueError, r"limit must be >= 0, got -1",
-     r">= 0"),
+     r"set it to the number of examples to keep, or to null"),
+    ("gold that can never match", load("x.jsonl", jsonl(GOOD, {"question": "q", "answer": "???"}), "math"),
+     ValueError, r"x\.jsonl, line 2: gold answer '\?\?\?' holds no digit, letter", SKIP_FIX),
+    ("PromptFile: empty question", prompt_file("q.jsonl", jsonl({"question": "a"}, {"question": " "})), ValueError,
+     r"q\.jsonl, line 2: empty question in field 'question'", SKIP_FIX),
+    ("PromptFile: question not text", prompt_file("q.jsonl", jsonl({"question": 3})), ValueError,
+     r"q\.jsonl, line 1: field 'question' \(question\) must be text, got int", SKIP_FIX),
+    ("PromptFile: a folder", lambda tmp_path, monkeypatch: PromptFile(str(tmp_path)).load(), IsADirectoryError,
+     r"PromptFile\.path='.*' is a folder", r"give a \.jsonl/\.json/\.csv/\.txt file in it"),
     ("hub name without datasets", without_datasets, ImportError, r"'openai/gsm8k' is not a local file",
      r"pip install 'cepo\[hub\]'"),
 ]
@@ -122,8 +135,10 @@ def test_bad_data_is_refused_naming_problem_and_fix(tmp_path, monkeypatch, build
     with pytest.raises(error) as raised:
         build(tmp_path, monkeypatch)
     message = str(raised.value)
-    assert re.search(problem, message), message
-    assert re.search(fix, message), message
+    found = re.search(problem, message)
+    assert found, message
+    # The fix must be said besides the problem: a fix pattern that the problem's own words match proves nothing.
+    assert re.search(fix, message[:found.start()] + " " + message[found.end():]), message
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The GPU benchmark's CPU smoke mode, so the script cannot rot while no GPU is at hand."""
 
+import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +12,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_gpu_step_tiny_runs_every_phase_and_the_micro_batch_probe():
+def test_gpu_step_tiny_runs_every_phase_and_the_micro_batch_probe(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_step.py"), "--tiny", "--device", "cpu"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    out = tmp_path / "step.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_step.py"), "--tiny", "--device", "cpu",
+                             "--json", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
-    seconds = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(generate|reference|coherence|update|step)\s+([\d.]+)", out, re.M)}
-    assert set(seconds) == {"generate", "reference", "coherence", "update", "step"}
-    assert all(v > 0 for v in seconds.values())
-    assert abs(seconds["step"] - sum(v for k, v in seconds.items() if k != "step")) < 0.02
-    tokens = re.search(r"(\d+) tokens, (\d+) tokens/s", out)
-    assert tokens and 0 < int(tokens.group(1)) <= 2 * 2 * 12  # 2 prompts x G = 2 x 12 new tokens at most
-    assert "largest coherence micro-batch that fits: 8 (--max-probe 8 reached)" in out
+    report = json.loads(out.read_text())
+    phases = report["phases"]
+    assert list(phases) == ["generate", "reference", "coherence", "update"]
+    assert all(p["seconds"] > 0 for p in phases.values())  # unrounded, so any real work is > 0
+    assert report["step_seconds"] == pytest.approx(sum(p["seconds"] for p in phases.values()), rel=1e-12)
+    assert 0 < report["completion_tokens"] <= 2 * 2 * 12  # 2 prompts x G = 2 x 12 new tokens at most
+    assert report["generate_tokens_per_s"] == pytest.approx(report["completion_tokens"] / phases["generate"]["seconds"])
+    # --tiny sets no time budget and the CPU raises no CUDA out-of-memory, so the probe doubles 1 -> 8
+    # whatever the machine's speed
+    assert [p["micro_batch"] for p in report["probe"]] == [1, 2, 4, 8]
+    assert report["largest_micro_batch"] == 8 and report["probe_limit"] == "--max-probe 8 reached"
+    assert "largest coherence micro-batch that fits: 8 (--max-probe 8 reached)" in result.stdout
+    assert report["segment_tokens"]["answer"] >= 1 and report["segment_tokens"]["prompt"] == 16 + 6

@@ -5,7 +5,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from cepo.rewards.combiner import power_mean
+from cepo.rewards.combiner import normalized_weights, power_mean
 from reward_presets import P_ABLATION, PRESETS
 
 unit = st.floats(0.0, 1.0, allow_nan=False)
@@ -95,6 +95,18 @@ def test_hand_values_and_weight_cleaning():
     assert float(power_mean(v, [2, -5], 1.0)) == pytest.approx(0.25)  # negative weight -> 0
     assert float(power_mean(t([[float("nan"), 1.0]]), [1, 1], 1.0)) == pytest.approx(0.5)
     assert power_mean(torch.tensor([[0.5, 0.5]]), [1, 1], 0.2).dtype == torch.float32
+
+
+def test_infinite_weights_share_all_the_mass():
+    # +inf outweighs any finite weight: the +inf terms split the mass equally, the others get none.
+    assert normalized_weights([math.inf, 1.0, 0.0], 3).tolist() == [1.0, 0.0, 0.0]
+    assert normalized_weights([math.inf, 5.0, math.inf], 3).tolist() == [0.5, 0.0, 0.5]
+    v = t([[0.25, 1.0, 0.0], [0.81, 0.0, 0.36]])
+    for p in (1.0, 0.5, 0.0, -2.0):
+        out = power_mean(v, [math.inf, 3.0, math.inf], p)
+        assert torch.all(torch.isfinite(out))
+        torch.testing.assert_close(out, power_mean(v[:, [0, 2]], [1.0, 1.0], p))
+    assert float(power_mean(t([[0.3, 0.9]]), [math.inf, 1e300], 1.0)) == pytest.approx(0.3)
 
 
 def test_presets_cover_the_table():

@@ -1,5 +1,6 @@
 """Every shipped config parses (task configs alone, algorithm overlays on top of the quickstart config and
-resolving to their algorithm), and the GPU GSM8K config runs its real loading path on the tiny model."""
+resolving to their algorithm, with the KL coefficient's one default), and the GPU GSM8K config runs its real
+loading path on the tiny model."""
 
 import json
 from pathlib import Path
@@ -36,6 +37,7 @@ def test_algorithm_overlay_composes_with_the_quickstart_config(name, tmp_path, m
 
     from cepo import CEPOModule, PromptDataModule
     from cepo.cli import CEPOCLI
+    from cepo.training.module import KLConfig
 
     monkeypatch.setattr(sys, "argv", ["cepo"])
     cli = CEPOCLI(CEPOModule, PromptDataModule, subclass_mode_model=True, auto_configure_optimizers=False, run=False,
@@ -47,9 +49,27 @@ def test_algorithm_overlay_composes_with_the_quickstart_config(name, tmp_path, m
     assert type(module).__name__ == cls and module.algorithm == name
     assert module.advantage.estimator == estimator and module.kl.placement == placement
     assert (module.critic_config is not None) is critic
+    assert module.kl.coef == KLConfig().coef  # the one default, written in KLConfig only
     # The task stays the quickstart's.
     assert module.policy_config.name_or_path == "embedded:tiny-shortcut-llama"
     assert cli.datamodule.train_source.split == "train"
+
+
+def test_algorithm_overlay_keeps_the_base_configs_kl_coefficient(tmp_path, monkeypatch):
+    """An overlay sets its algorithm's KL placement, not the coefficient: a base config's kl.coef stays."""
+    import sys
+
+    from cepo import CEPOModule, PromptDataModule
+    from cepo.cli import CEPOCLI
+
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  init_args:\n    kl: {coef: 0.01}\n")
+    monkeypatch.setattr(sys, "argv", ["cepo"])
+    cli = CEPOCLI(CEPOModule, PromptDataModule, subclass_mode_model=True, auto_configure_optimizers=False, run=False,
+                  args=["--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(base),
+                        "--config", str(ROOT / "configs" / "algorithms" / "ppo.yaml"),
+                        "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert (cli.model.kl.coef, cli.model.kl.placement) == (0.01, "reward")
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@
 - every fast-moving dependency has an upper bound, and the installed version lies within the bounds;
 - every third-party module that a test imports comes with ``pip install -e ".[test]"`` (directly or as
   a dependency of a declared package), so CI runs every test;
-- ``environment.yml`` installs the same thing as the README's pip commands.
+- ``environment.yml`` installs the same thing as the README's pip commands;
+- the oldest Python that ``requires-python`` allows can run these checks too (``tomli`` stands in for
+  ``tomllib`` before 3.11).
 """
 
 import ast
@@ -19,7 +21,10 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10, which requires-python allows: the same parser from its backport (in the test extra)
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
@@ -105,6 +110,13 @@ def imported_modules(path: Path) -> set[str]:
     return modules
 
 
+def not_for_this_python() -> set[str]:
+    """Modules declared in the test extra for other Pythons only (``tomli; python_version < "3.11"``): the
+    tests import them on those Pythons alone, so here they need not be installed."""
+    return {name for name, requirement in requirements("test").items()
+            if requirement.marker is not None and not requirement.marker.evaluate()}
+
+
 def test_every_module_the_tests_import_comes_with_the_test_extra():
     tests = ROOT / "tests"
     local = {"cepo", "tests", "conftest"} | {path.stem for path in tests.glob("*.py")}
@@ -115,7 +127,7 @@ def test_every_module_the_tests_import_comes_with_the_test_extra():
     provided = closure(declared_test_install())
     distributions = metadata.packages_distributions()
     missing = {}
-    for module in sorted(third_party):
+    for module in sorted(third_party - not_for_this_python()):
         names = {canonicalize_name(name) for name in distributions.get(module, [])}
         if not names & provided:
             missing[module] = sorted(names) or "not installed"
@@ -140,3 +152,12 @@ def test_environment_yml_installs_what_the_readme_installs():
     assert requirements(None)["torch"].specifier.contains(pinned)
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert re.search(rf"pip install torch=={re.escape(str(pinned))} ", readme), "README and environment.yml differ"
+
+
+def test_the_oldest_allowed_python_has_a_toml_parser():
+    # requires-python admits 3.10, where tomllib does not exist: the test extra must bring tomli there.
+    oldest = min(spec.version for spec in SpecifierSet(PYPROJECT["requires-python"]) if spec.operator == ">=")
+    tomli = requirements("test").get("tomli")
+    if Version(oldest) < Version("3.11"):
+        assert tomli is not None and tomli.marker is not None, "add 'tomli>=1.1; python_version < \"3.11\"' to test"
+        assert tomli.marker.evaluate({"python_version": oldest}) and not tomli.marker.evaluate({"python_version": "3.11"})

@@ -134,6 +134,8 @@ def test_malformed_row_is_skipped_and_counted(tmp_path):
     assert cli.datamodule.val_sources[0].skipped == 1
     (row,) = read_results(Path(cli.trainer.log_dir), "val")
     assert row["dataset"] == "broken" and row["n"] == 2
+    assert row["skipped"] == 1, "the results name the rows that were dropped (README: `skipped`)"
+    assert cli.trainer.callback_metrics["val/broken/skipped"] == 1
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import logging
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
 
-from cepo.policy.generation import generate_completions, overridden_defaults, sampling_config
+from cepo.policy.generation import KeyedSampler, generate_completions, overridden_defaults, sampling_config
 from conftest import make_tiny_llama
 
 # Qwen2.5-Instruct ships repetition_penalty 1.05, top_k 20, top_p 0.8, temperature 0.7; exaggerated here
@@ -78,3 +78,43 @@ def test_overrides_of_the_models_defaults_are_named_in_the_log(char_tokenizer, c
     with caplog.at_level(logging.INFO):
         generate_completions(model, char_tokenizer, ["abc"], 1, max_new_tokens=4, temperature=0.9)
     assert "repetition_penalty=1.5 -> 1.0" in caplog.text
+
+
+# ------------------------------------------------------------------------ generation.sampling_seed
+def keyed(model, tokenizer, prompts, group=3, **options):
+    generated = generate_completions(model, tokenizer, prompts, group, max_new_tokens=12, temperature=1.0,
+                                     sample_keys=[f"k:{p}" for p in prompts], **options)
+    texts = tokenizer.batch_decode(generated.completion_ids, skip_special_tokens=True)
+    return {p: texts[i * group:(i + 1) * group] for i, p in enumerate(prompts)}
+
+
+def test_keyed_samples_do_not_depend_on_the_batch_or_the_global_random_state(char_tokenizer):
+    model = make_tiny_llama(len(char_tokenizer), seed=3)
+    torch.manual_seed(0)
+    alone = keyed(model, char_tokenizer, ["abc"])
+    torch.manual_seed(123)  # another global stream, another batch, another order, another padding width
+    mixed = keyed(model, char_tokenizer, ["a much longer prompt", "xyz", "abc"])
+    assert mixed["abc"] == alone["abc"]
+    assert len(set(alone["abc"])) > 1, "the G samples of a prompt differ from one another"
+    plain = []
+    for prompts in (["abc"], ["a much longer prompt", "xyz", "abc"]):  # the unkeyed sampler, same global seed
+        torch.manual_seed(0)
+        ids = generate_completions(model, char_tokenizer, prompts, 3, max_new_tokens=12, temperature=1.0).completion_ids
+        plain.append(char_tokenizer.batch_decode(ids[-3:], skip_special_tokens=True))
+    assert plain[0] != plain[1], "without keys the batch around a prompt changes its samples"
+
+
+def test_keyed_sampler_draws_from_the_filtered_tempered_softmax():
+    # Gumbel-max: argmax(logits / T + Gumbel) is a sample of softmax(logits / T). 20000 rows, one per seed.
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    temperature, n = 0.7, 20000
+    sampler = KeyedSampler(list(range(n)), temperature, top_k=4, top_p=1.0, device="cpu")
+    chosen = sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, -1).clone()).argmax(-1)
+    counts = torch.bincount(chosen, minlength=5).double()
+    expected = torch.softmax(logits[0, :4] / temperature, -1).double() * n
+    assert counts[4] == 0, "top_k 4 removes the least likely token"
+    sigma = (expected * (1 - expected / n)).sqrt()
+    assert torch.all((counts[:4] - expected).abs() < 4 * sigma), (counts, expected)
+    # top_p 0.5 keeps the smallest set of likeliest tokens holding half the mass: here token 0 alone.
+    nucleus = KeyedSampler(list(range(200)), 1.0, top_k=0, top_p=0.5, device="cpu")
+    assert set(nucleus(torch.zeros(200, 1, dtype=torch.long), logits.expand(200, -1).clone()).argmax(-1).tolist()) == {0}

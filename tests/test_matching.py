@@ -197,11 +197,39 @@ def test_a_wrong_integer_is_never_right_under_any_rule(a, b):
         assert not answers_match(f"{a:,}", str(b), kind)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.text(max_size=20), st.sampled_from(["yes", "no"]))
+def leading_word(text: str) -> str:
+    """The first word of ``text``, found without regular expressions: skip characters that are neither
+    letters nor digits (punctuation, markup, spaces, underscores), then take letters, digits and
+    underscores up to the next other character."""
+    start = 0
+    while start < len(text) and not text[start].isalnum():
+        start += 1
+    end = start
+    while end < len(text) and (text[end].isalnum() or text[end] == "_"):
+        end += 1
+    return text[start:end]
+
+
+# Prefixes built mostly from the characters that decide the rule (markup, underscores, yes/no letters,
+# other letters and digits), plus arbitrary text.
+PREFIX = st.one_of(st.text(st.sampled_from(list(" _*(.,!?\n\tyesnoYESNOabx1é")), max_size=8), st.text(max_size=20))
+
+
+@settings(max_examples=300, deadline=None)
+@given(PREFIX, st.sampled_from(["yes", "no"]))
 def test_yes_no_needs_the_leading_token(prefix, gold):
+    # Only the first word decides: "** No, yes" is no; "yesterday yes" and "_x yes" are neither.
     pred = f"{prefix} {gold}"
-    expected = normalize_yes_no(pred) == gold
+    expected = leading_word(pred).casefold() == gold
+    assert answers_match(pred, gold, "yes_no") is expected, (pred, leading_word(pred))
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("_ yes", "yes", True), ("__yes__", "yes", False), ("**no** yes", "no", True), ("yes_no", "yes", False),
+    ("NO yes", "no", True), ("nob no", "no", False), ("1 yes", "yes", False), ("é yes", "yes", False),
+])
+def test_yes_no_leading_word_by_hand(pred, gold, expected):
+    assert leading_word(pred).casefold() == gold if expected else leading_word(pred).casefold() != gold
     assert answers_match(pred, gold, "yes_no") is expected
 
 

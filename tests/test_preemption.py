@@ -97,8 +97,24 @@ def test_sigterm_outside_fit_exits_143_without_writing_a_checkpoint(tmp_path):
     sigterm = SIGTERMException()
     callback.on_exception(trainer, None, sigterm)
     assert sigterm.code == 143 and saved == []
-    other = ValueError("not a preemption")
-    callback.on_exception(trainer, None, other)
-    trainer.state.fn = TrainerFn.FITTING
+    for fn in (TrainerFn.VALIDATING, TrainerFn.FITTING):  # any other error: no checkpoint, no exit status
+        trainer.state.fn = fn
+        other = ValueError("not a preemption")
+        callback.on_exception(trainer, None, other)
+        assert saved == [] and not hasattr(other, "code")
     callback.on_exception(trainer, None, SIGTERMException())
     assert saved == [str(tmp_path / "checkpoints" / "last.ckpt")]
+
+
+@pytest.mark.slow
+def test_an_ordinary_error_during_fit_is_raised_as_itself_and_writes_no_checkpoint(tmp_path):
+    # Only SIGTERM is a preemption: a bug at step 1 must end the process with its own traceback and status
+    # 1, not be saved as a resumable state and reported as "terminated" (143).
+    failing = tmp_path / "raise.yaml"
+    failing.write_text("trainer:\n  callbacks:\n    - class_path: helpers.preemption.RaiseAtStep\n"
+                       "      init_args: {step: 1}\n")
+    result = subprocess.run(fit_command(tmp_path / "runs", "--config", str(failing), "--trainer.max_steps", "3"),
+                            env=environment(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert "ValueError: an ordinary error at rollout step 1" in result.stderr
+    assert not list((tmp_path / "runs").rglob("*.ckpt")), "an error is not a preemption: nothing to resume"

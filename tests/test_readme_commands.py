@@ -61,7 +61,8 @@ PARSED = [
     "--model.init_args.policy.lora.r 16 --model.init_args.policy.lora.target_modules '[q_proj,v_proj]' "
     "--model.init_args.prompt.use_chat_template true --trainer.precision bf16-mixed --trainer.accelerator gpu "
     "--trainer.devices 2 --trainer.strategy ddp",
-    "cepo fit --config configs/quickstart.yaml --config configs/experiments/cepo_interventional.yaml",
+    "cepo fit --config configs/quickstart.yaml --config configs/rewards/cepo.yaml "
+    "--config configs/experiments/cepo_interventional.yaml",
     "cepo fit --config configs/quickstart.yaml --config configs/rewards/cepo.yaml --model.init_args.advantage.min_std 0.1",
     f"cepo test --config configs/quickstart.yaml --config configs/eval/paper_eval.yaml --ckpt_path {CKPT}",
     "cepo validate --config configs/quickstart.yaml --config configs/eval/gsm8k.yaml --ckpt_path <ckpt>",

@@ -101,6 +101,22 @@ def test_clipped_surrogate_values_masks_and_gradient():
     assert torch.all(logp.grad[low | high] == 0)
 
 
+def test_clip_flags_never_count_a_zero_advantage():
+    # A = 0 (every sample of a constant group) gives zero loss and zero gradient whatever the ratio: the
+    # clip cannot be what stops its gradient, so neither flag may count it, even with the ratio far out.
+    ratios = torch.tensor([[0.5, 1.0, 1.5], [0.5, 1.0, 1.5]])
+    old_logp = torch.full((2, 3), -1.0)
+    logp = old_logp + ratios.log()
+    loss, flags = clipped_surrogate(logp, old_logp, torch.zeros(2), epsilon=0.2)
+    assert not flags["clip_fraction_low"].any() and not flags["clip_fraction_high"].any()
+    close(loss, torch.zeros(2, 3))
+    # A constant group next to a learning one: only the learning group's out-of-range tokens count.
+    advantages = torch.tensor([0.0, -1.0])
+    _, stats = policy_objective(logp, old_logp, advantages, torch.ones(2, 3), epsilon=0.2, aggregation="dapo")
+    close(stats["clip_fraction_low"], 1 / 6)  # (1, 0): A < 0 and ratio 0.5 < 0.8
+    close(stats["clip_fraction_high"], 0.0)  # A = -1 with ratio 1.5 is not clipped; A = 0 never counts
+
+
 def test_clipped_surrogate_accepts_token_advantages_and_defaults_eps_high():
     logp, old_logp, adv = _surrogate_inputs()
     per_seq, _ = clipped_surrogate(logp, old_logp, adv, epsilon=0.2)

@@ -396,6 +396,29 @@ def _match_one(predicted: str, gold: str, kind: str, options: Sequence[str] | No
     return bool(gold_text) and normalize_text(predicted) == gold_text
 
 
+def unmatchable_gold(gold: str, kind: str = "auto", options: Sequence[str] | None = None) -> str | None:
+    """Why ``gold`` cannot serve as a gold answer under ``kind``, or None when it can: it is empty, cannot
+    be parsed under that rule (so :func:`answers_match` never accepts anything for it), or, for ``math``,
+    holds no digit or letter (a placeholder such as ``"???"``). Training on such answers gives a reward
+    that is 0 for every sample."""
+    if not isinstance(gold, str) or not gold.strip():
+        return "the gold answer is empty"
+    rule = infer_kind(gold) if kind == "auto" else kind
+    if rule == "number" and _exact_number(gold) is None:
+        return f"gold answer {gold[:40]!r} is not a number (answer kind 'number')"
+    if rule == "math" and not any(ch.isalnum() for ch in normalize_math(gold)):
+        return f"gold answer {gold[:40]!r} holds no digit, letter or symbol name (answer kind 'math')"
+    if rule == "yes_no" and normalize_yes_no(gold) is None:
+        return f"gold answer {gold[:40]!r} does not start with yes or no (answer kind 'yes_no')"
+    if rule == "choice":
+        index, text, _ = _resolve_choice(gold, options, is_gold=True, allow_index=True)
+        if (index is None and not text) or (options and index is not None and not 0 <= index < len(options)):
+            return f"gold answer {gold[:40]!r} names no option (answer kind 'choice')"
+    if rule == "text" and not normalize_text(gold):
+        return f"gold answer {gold[:40]!r} is only punctuation (answer kind 'text')"
+    return None
+
+
 def answers_match(
     predicted: str,
     gold: str | Sequence[str],

@@ -24,9 +24,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
-from cepo.answers.matching import normalize_number, normalize_text
+from cepo.answers.matching import normalize_number, normalize_text, unmatchable_gold
 from cepo.answers.parsing import last_boxed
-from cepo.data.readers import ON_ERROR, SKIP_HINT, Skip
+from cepo.data.readers import ON_ERROR, ON_ERROR_FIX, SKIP_HINT, Skip
 from cepo.records import PROMPT_FAMILIES, Example
 from cepo.registry import Registry
 
@@ -36,6 +36,20 @@ _ANSWER_ALIASES = ("answer", "target")
 
 class _RowProblem(Exception):
     """Raised inside an adapter for one bad row; turned into ValueError or a skip by :meth:`Adapter.convert`."""
+
+
+RowProblem = _RowProblem  # for other row readers (``PromptFile``)
+
+
+def checked_gold(example: Example) -> Example:
+    """``example``, unless none of its gold answers could ever be matched (a placeholder such as ``???``,
+    text with no letter or digit, a non-number for kind ``number``): training on it would give reward 0 to
+    every sample, so the row is refused (or skipped and counted) like any other malformed row."""
+    if example.gold:
+        reasons = [unmatchable_gold(gold, example.answer_kind, example.meta.get("options")) for gold in example.gold]
+        if all(reasons):
+            raise _RowProblem(f"{reasons[0]}, so no answer could ever be right")
+    return example
 
 
 def _field(row: Mapping[str, Any], name: str, defaults: Sequence[str], what: str) -> str:
@@ -138,7 +152,7 @@ class Adapter:
         """Examples of ``records`` and the ``(where, why)`` of each skipped row. ``where[i]`` names record i in
         messages (default ``"<source>, record index i"``)."""
         if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}: {ON_ERROR_FIX}")
         source = source or self.name
         examples: list[Example] = []
         skips: list[Skip] = []
@@ -146,7 +160,7 @@ class Adapter:
             try:
                 if not isinstance(record, Mapping):
                     raise _RowProblem(f"expected an object with fields, got {type(record).__name__}")
-                examples.append(self.convert_row(Row(record, index, source, question_field, answer_field)))
+                examples.append(checked_gold(self.convert_row(Row(record, index, source, question_field, answer_field))))
             except _RowProblem as problem:
                 location = where[index] if where is not None else f"{source}, record index {index}"
                 if on_error == "raise":

@@ -200,7 +200,8 @@ class PromptDataModule(LightningDataModule):
         return {"next_batch": self.next_batch, "seed": self.seed, "prompts_per_step": self.prompts_per_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("prompts_per_step", self.prompts_per_step) != self.prompts_per_step:
+        resuming = self.trainer is None or self.trainer.state.fn == "fit"  # evaluation reads no stream
+        if resuming and state_dict.get("prompts_per_step", self.prompts_per_step) != self.prompts_per_step:
             raise ValueError(
                 f"the checkpoint was written with data.prompts_per_step={state_dict['prompts_per_step']}, "
                 f"this run uses {self.prompts_per_step}; resume with the same value to continue the stream"

@@ -33,7 +33,7 @@ from cepo.data.adapters import (
     register_adapter,
     reject,
 )
-from cepo.data.readers import ON_ERROR, Skip, _read, load_records
+from cepo.data.readers import ON_ERROR, ON_ERROR_FIX, Skip, _read, load_records
 from cepo.records import Example
 
 __all__ = [
@@ -87,7 +87,8 @@ def sample_examples(examples: Sequence[Example], limit: int | None, seed: int = 
     if limit is None or limit >= len(examples):
         return list(examples)
     if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise ValueError(f"limit must be >= 0, got {limit}; set it to the number of examples to keep, or to "
+                         "null to keep them all")
     chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
     return [examples[i] for i in chosen]
 
@@ -128,7 +129,7 @@ def load_examples(
     if adapter not in ADAPTERS:
         raise ValueError(f"unknown dataset adapter {adapter!r}; choose one of {', '.join(ADAPTERS)}")
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}: {ON_ERROR_FIX}")
     if source is None:
         source = adapter if adapter != "generic" else _source_name(path_or_name)
     records = _read(path_or_name, split, config_name, on_error)

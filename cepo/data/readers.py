@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ON_ERROR = ("raise", "skip")
+ON_ERROR_FIX = ("use on_error='skip' to drop malformed rows (each named in a warning and counted as `skipped`), "
+                "or 'raise' to stop at the first")
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _FOLDER_SUFFIXES = (".jsonl", ".json", ".csv")  # <split><suffix> in a plain folder, in this order of preference
 SKIP_HINT = (
-    'Fix the data, or set on_error="skip" (on_error: skip in a FileDataset config) to drop such rows; '
-    "they are counted as skipped"
+    'Fix the data, or set on_error="skip" (on_error: skip in a FileDataset or PromptFile config) to drop '
+    "such rows; they are counted as skipped"
 )
 # Seconds to wait for the hub before a dataset id is declared unreachable (DNS included).
 HUB_PROBE_TIMEOUT_S = 5.0
@@ -351,6 +353,13 @@ def _read(path_or_name: str, split: str | None, config_name: str | None, on_erro
             f"{Path.cwd()}); check the path"
         )
     return _read_hub(path_or_name, split, config_name)
+
+
+def read_rows(path: str, *, on_error: str = "raise") -> tuple[list[Any], list[str], list[Skip]]:
+    """The readable rows of a local data file, where each one is (``"<path>, line 7"``, for messages) and
+    the ``(where, why)`` of each row dropped as unreadable under ``on_error="skip"``."""
+    records = _read(path, None, None, on_error)
+    return records.rows, records.where, records.skips
 
 
 def load_records(path_or_name: str, split: str | None = None, *, config_name: str | None = None) -> list[dict]:

@@ -43,6 +43,22 @@ class DatasetSource:
         raise NotImplementedError
 
 
+def report_skips(source: DatasetSource, skips: list[tuple[str, str]], examples: list, check: str = "") -> None:
+    """Count ``source``'s skipped rows, name the first three in a warning, and refuse a source whose
+    every row was skipped."""
+    source.skipped = len(skips)
+    path = getattr(source, "path", source.name)
+    if skips:
+        first = "; ".join(f"{where}: {why}" for where, why in skips[:3])
+        more = f"; and {len(skips) - 3} more" if len(skips) > 3 else ""
+        rank_zero_warn(f"{source.name}: skipped {len(skips)} malformed rows of {path} (on_error=skip): {first}{more}")
+    if not examples and skips:
+        raise ValueError(
+            f"dataset source {source.name!r}: every row of {path} was skipped ({len(skips)}); the first: "
+            f"{skips[0][0]}: {skips[0][1]}. Check {check}the question_field/answer_field options"
+        )
+
+
 class ShortcutTask(DatasetSource):
     """The embedded arithmetic task with a planted cue (see ``cepo.data.shortcut``)."""
 
@@ -138,19 +154,7 @@ class FileDataset(DatasetSource):
             self.path, self.adapter, split=self.split, question_field=self.question_field,
             answer_field=self.answer_field, on_error=self.on_error, config_name=self.config_name,
         )
-        self.skipped = loaded.skipped
-        if loaded.skipped:
-            first = "; ".join(f"{where}: {why}" for where, why in loaded.skips[:3])
-            more = f"; and {loaded.skipped - 3} more" if loaded.skipped > 3 else ""
-            rank_zero_warn(
-                f"{self.name}: skipped {loaded.skipped} malformed rows of {self.path} (on_error=skip): {first}{more}"
-            )
-        if not loaded.examples:
-            raise ValueError(
-                f"dataset source {self.name!r}: every row of {self.path} was skipped ({loaded.skipped}); the "
-                f"first: {loaded.skips[0][0]}: {loaded.skips[0][1]}. Check the adapter ({self.adapter!r}) and "
-                "the question_field/answer_field options"
-            )
+        report_skips(self, loaded.skips, loaded.examples, f"the adapter ({self.adapter!r}) and ")
         return list(loaded.examples)
 
 

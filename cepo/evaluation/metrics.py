@@ -5,6 +5,8 @@ One :class:`EvalMetrics` per evaluation source accumulates per-completion facts 
 - ``accuracy``: answer Y matches a gold answer (greedy decoding: pass@1; with n samples per prompt the
   mean over samples, and ``pass_at_n``: the fraction of prompts with at least one right sample);
 - ``format_rate``: the completion marks its answer; ``truncation_rate``; ``mean_length`` in tokens;
+  ``prompt_truncation_rate`` (listed when a prompt was cut to ``max_prompt_tokens`` or the model's
+  positions);
 - ``faithful_rate``: among completions whose rationale derives a checkable value (arithmetic), the
   fraction whose answer equals it; ``unfaithful_right_rate``: among right answers with a checkable
   rationale, the fraction whose rationale derived something else (right for an unstated reason);
@@ -30,7 +32,7 @@ from cepo.answers.matching import answers_match, normalize_number
 _SUMS = (
     "n", "correct", "marker", "length", "truncated", "checkable", "faithful", "right_checkable",
     "right_unfaithful", "cue_items", "cue_copied", "corr_items", "corr_correct",
-    "coh_n", "coh_zx", "coh_xy", "coh_zy", "groups", "groups_any_correct",
+    "coh_n", "coh_zx", "coh_xy", "coh_zy", "groups", "groups_any_correct", "prompt_cut",
 )
 
 
@@ -78,6 +80,8 @@ class EvalMetrics(Metric):
             if ex.meta.get("pair_id") is not None and i % rollout.group_size == 0:  # first sample only
                 pair_keys.append(_pair_key(ex.meta["pair_id"]))
                 pair_correct.append(float(right))
+        if rollout.prompt_truncated is not None:
+            add["prompt_cut"] += float(rollout.prompt_truncated.sum())
         if rollout.group_size > 1:  # n samples per prompt, consecutive rows
             for start in range(0, len(rights), rollout.group_size):
                 add["groups"] += 1
@@ -103,6 +107,8 @@ class EvalMetrics(Metric):
             "truncation_rate": ratio(self.truncated, self.n),
             "mean_length": ratio(self.length, self.n),
         }
+        if float(self.prompt_cut) > 0:  # listed only when a prompt was cut, so a clean run's table is unchanged
+            out["prompt_truncation_rate"] = ratio(self.prompt_cut, self.n)
         if float(self.groups) > 0:
             out["pass_at_n"] = ratio(self.groups_any_correct, self.groups)
         if float(self.checkable) > 0:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import hashlib
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import GenerationConfig as HFGenerationConfig
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from cepo.policy.forward import unwrap
+from cepo.policy.passes import position_limit
 
 
 @dataclass
@@ -27,11 +33,82 @@ class GenerationConfig:
     top_k: int = 0
     """Top-k sampling for rollouts (0 = off)."""
     max_prompt_tokens: int | None = 512
-    """Prompts longer than this are cut from the left (the end of a prompt holds the instruction)."""
+    """Prompts longer than this are cut from the left (the end of a prompt holds the instruction). A
+    prompt is also cut so that it and the completion budget fit the model's positions. Every cut is
+    counted (``train/prompt/truncated``, ``prompt_truncation_rate``, ``prompt_truncated`` in predictions)."""
     eval_max_new_tokens: int | None = None
     """Completion budget during validation/test (None = ``max_new_tokens``)."""
     eval_temperature: float = 0.0
     """Temperature during validation/test; 0 means greedy decoding (pass@1)."""
+    sampling_seed: int | None = None
+    """None: completions are drawn from each device's random stream (seeded by ``seed_everything``), so
+    they depend on the number of devices and on which prompts share a batch. An integer: sample j of a
+    prompt is drawn from its own stream, seeded by this number, the stage, the rollout step, the prompt's
+    text and j, so the completions do not depend on the device count, the batch composition or the
+    prompt order: a 1-device and a 2-device run with the same global batch sample the same texts. The
+    distribution is unchanged (Gumbel-max over the temperature/top-k/top-p-filtered logits); a prompt
+    that occurs twice in one step gets the same G samples twice."""
+
+
+def check_generation_options(config: GenerationConfig, *, training: bool, prefix: str = "model.generation") -> None:
+    """Refuse a sampling or decoding option that is invalid, or that would make training silently learn
+    nothing, naming the option and a valid value. ``training``: also the options only ``fit`` uses."""
+    def refuse(option: str, problem: str) -> None:
+        raise ValueError(f"{prefix}.{option}={getattr(config, option)!r}: {problem}")
+
+    if config.max_new_tokens < 1:
+        refuse("max_new_tokens", "a completion needs at least one token; set it to the longest answer you "
+                                 "expect (e.g. 256)")
+    if config.eval_max_new_tokens is not None and config.eval_max_new_tokens < 1:
+        refuse("eval_max_new_tokens", "must be >= 1, or null to use max_new_tokens")
+    if config.max_prompt_tokens is not None and config.max_prompt_tokens < 1:
+        refuse("max_prompt_tokens", "must be >= 1 (prompts are cut from the left to this many tokens), or "
+                                    "null to cut only at the model's positions")
+    if not (math.isfinite(config.temperature) and config.temperature >= 0):
+        refuse("temperature", "must be a finite number > 0 (1.0 is usual)")
+    if not (math.isfinite(config.eval_temperature) and config.eval_temperature >= 0):
+        refuse("eval_temperature", "must be a finite number >= 0 (0 = greedy decoding)")
+    if not 0 < config.top_p <= 1:
+        refuse("top_p", "must lie in (0, 1]: it is the probability mass that nucleus sampling keeps; 0 keeps "
+                        "only the most likely token, so every sample of a group would be the same. Use 1.0 "
+                        "(off) or e.g. 0.95")
+    if isinstance(config.top_k, bool) or config.top_k < 0:
+        refuse("top_k", "must be >= 0: the number of most likely tokens sampling keeps (0 = off)")
+    if not training:
+        return
+    if not config.temperature > 0:
+        refuse("temperature", "training samples G completions per prompt and scores their log-probs at this "
+                              "temperature, so it must be > 0 (1.0 is usual); greedy decoding is for "
+                              "evaluation (model.generation.eval_temperature: 0)")
+    if config.top_k == 1:
+        refuse("top_k", "keeps only the most likely token: greedy decoding, so every sample of a group is "
+                        "the same and nothing trains; use 0 (off) or a value >= 2 (e.g. 50)")
+
+
+def check_position_budget(model, config: GenerationConfig, *, training: bool, prefix: str = "model.generation") -> None:
+    """Refuse a completion budget that leaves no room for a prompt within the model's positions."""
+    limit = position_limit(model)
+    if limit is None:
+        return
+    budgets = {"eval_max_new_tokens" if config.eval_max_new_tokens else "max_new_tokens":
+               config.eval_max_new_tokens or config.max_new_tokens}
+    if training:
+        budgets["max_new_tokens"] = config.max_new_tokens
+    for option, budget in budgets.items():
+        if budget >= limit:
+            raise ValueError(
+                f"{prefix}.{option}={budget} leaves no room for the prompt: the model takes {limit} positions "
+                f"in all (prompt + completion); set {option} below {limit}, e.g. {max(1, limit // 4)}"
+            )
+
+
+def prompt_token_cap(model, max_prompt_tokens: int | None, max_new_tokens: int) -> int | None:
+    """The most prompt tokens a generate call keeps: ``max_prompt_tokens``, lowered so that the prompt and
+    ``max_new_tokens`` fit the model's positions (a learned position table has no row past its end)."""
+    limit = position_limit(model)
+    room = None if limit is None else max(limit - max_new_tokens, 1)
+    caps = [cap for cap in (max_prompt_tokens, room) if cap is not None]
+    return min(caps) if caps else None
 
 
 @dataclass
@@ -41,6 +118,7 @@ class Generated:
     completion_ids: Tensor  # (N, T) right padded, pad after the first EOS
     completion_mask: Tensor  # (N, T) 1 up to and including the first EOS
     truncated: Tensor  # (N,) bool
+    prompt_truncated: Tensor | None = None  # (N,) bool: the prompt was cut from the left to fit
 
 
 def completion_mask_after_eos(completion_ids: Tensor, eos_token_ids: list[int]) -> tuple[Tensor, Tensor]:
@@ -76,6 +154,7 @@ NEUTRAL_SAMPLING = {
     "num_return_sequences": 1, "length_penalty": 1.0, "diversity_penalty": 0.0,
 }
 _REPORTED: set[str] = set()
+_CUT_REPORTED: set[str] = set()
 
 
 def sampling_config(*, max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
@@ -139,6 +218,44 @@ def _report_overrides(name: str, differences: dict[str, tuple]) -> None:
         rank_zero_info(message)
 
 
+def sample_seed(*parts: object) -> int:
+    """A 63-bit seed that identifies ``parts`` (SHA-256 of their JSON): the same in every process and
+    under any ``PYTHONHASHSEED``."""
+    text = json.dumps([part if isinstance(part, (int, float, str)) else str(part) for part in parts])
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") >> 1
+
+
+class KeyedSampler(LogitsProcessor):
+    """Sampling with one random stream per row, for ``generate`` in greedy mode.
+
+    The logits go through the same temperature, top-k and top-p warpers as ``do_sample=True``; then each
+    row adds Gumbel noise ``-log E``, ``E ~ Exp(1)`` drawn from the row's own generator, so that the argmax
+    that greedy decoding takes is an exact sample of the filtered ``softmax(logits / T)`` (the Gumbel-max
+    trick). A row's draws depend only on its seed and its position in the completion, never on the
+    other rows of the batch or on the global random state.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_k: int, top_p: float, device) -> None:
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(float(temperature))])
+        if top_k > 0:
+            self.warpers.append(TopKLogitsWarper(int(top_k)))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(float(top_p)))
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"KeyedSampler has {len(self.generators)} row seeds for a batch of {scores.shape[0]}")
+        scores = self.warpers(input_ids, scores)
+        # Drawn in float64: a float32 draw is exactly 0 with probability ~2^-24 per entry, which over a
+        # large vocabulary would often hand one arbitrary token an infinite score.
+        exponential = torch.stack([
+            torch.empty(scores.shape[1], device=scores.device, dtype=torch.float64).exponential_(generator=g)
+            for g in self.generators
+        ])  # (N, vocab), one row per generator
+        return scores - exponential.log().to(scores.dtype)
+
+
 @torch.no_grad()
 def generate_completions(
     model,
@@ -151,6 +268,7 @@ def generate_completions(
     top_p: float = 1.0,
     top_k: int = 0,
     max_prompt_tokens: int | None = None,
+    sample_keys: list[str] | None = None,
 ) -> Generated:
     """Sample ``group_size`` completions per prompt in one batched call (KV cache on).
 
@@ -159,31 +277,36 @@ def generate_completions(
     ``softmax(logits / temperature)`` restricted by ``top_k``/``top_p`` (``temperature`` 0: greedy argmax);
     the model's own ``generation_config`` defaults (repetition penalty, top-k, ...) are not applied, and
     the first call that overrides any of them says so in the log.
+
+    Prompts longer than :func:`prompt_token_cap` are cut from the left; ``Generated.prompt_truncated``
+    flags them.
+    ``sample_keys`` (one per prompt, with ``temperature`` > 0): sample j of prompt i is drawn from a stream
+    seeded by ``(sample_keys[i], j)`` (:class:`KeyedSampler`) instead of the global random state, so it
+    is the same whichever prompts share the batch.
     """
+    if sample_keys is not None and len(sample_keys) != len(prompts):
+        raise ValueError(f"sample_keys needs one key per prompt: got {len(sample_keys)} for {len(prompts)} prompts")
     device = next(model.parameters()).device
-    enc = tokenizer(
-        prompts,
-        return_tensors="pt",
-        padding=True,
-        padding_side="left",
-        add_special_tokens=False,
-        truncation=max_prompt_tokens is not None,
-        max_length=max_prompt_tokens,
-        truncation_side="left",
-    )
+    enc, cut = tokenize_prompts(tokenizer, prompts, prompt_token_cap(model, max_prompt_tokens, max_new_tokens))
     prompt_ids = enc.input_ids.repeat_interleave(group_size, dim=0).to(device)
     prompt_mask = enc.attention_mask.repeat_interleave(group_size, dim=0).to(device)
     stop = eos_ids(model, tokenizer)
+    keyed = sample_keys is not None and temperature > 0
+    processors = LogitsProcessorList()
+    if keyed:  # greedy decoding over KeyedSampler's noisy scores is sampling, row by row
+        seeds = [sample_seed(key, j) for key in sample_keys for j in range(group_size)]
+        processors.append(KeyedSampler(seeds, temperature, top_k, top_p, device))
     config = sampling_config(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=stop,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        max_new_tokens=max_new_tokens, temperature=0.0 if keyed else temperature, top_p=top_p, top_k=top_k,
+        eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     was_training = model.training
     model.eval()
     try:
         with _model_generation_config(model, config) as model_defaults:
             _report_overrides("sampling" if temperature > 0 else "greedy", overridden_defaults(model_defaults, config))
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                 logits_processor=processors)
     finally:
         model.train(was_training)
     completion_ids = out[:, prompt_ids.shape[1] :]
@@ -191,4 +314,39 @@ def generate_completions(
     # Trim columns that no row uses, so later passes do not pay for them.
     width = max(int(completion_mask.sum(-1).max().item()), 1)
     completion_ids = completion_ids[:, :width].masked_fill(completion_mask[:, :width] == 0, tokenizer.pad_token_id)
-    return Generated(prompt_ids, prompt_mask, completion_ids, completion_mask[:, :width], truncated)
+    return Generated(prompt_ids, prompt_mask, completion_ids, completion_mask[:, :width], truncated,
+                     cut.repeat_interleave(group_size, dim=0))
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], cap: int | None):
+    """Left-padded prompt tokens, each cut from the left to ``cap`` tokens, and which were cut ``(n,)``."""
+    ids = tokenizer(prompts, add_special_tokens=False).input_ids
+    cut = torch.tensor([cap is not None and len(row) > cap for row in ids], dtype=torch.bool)
+    if cap is not None:
+        ids = [row[len(row) - cap:] if len(row) > cap else row for row in ids]
+    enc = tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
+    return enc, cut
+
+
+def warn_prompts_cut(prompt_truncated: Tensor | None, stage: str, max_prompt_tokens: int | None) -> None:
+    """Say in the log, the first time a stage cuts prompts, how many and where they are counted."""
+    if prompt_truncated is None or not bool(prompt_truncated.any()) or stage in _CUT_REPORTED:
+        return
+    _CUT_REPORTED.add(stage)
+    counted = {"train": "train/prompt/truncated", "predict": "prompt_truncated in each prediction"}.get(
+        stage, "prompt_truncation_rate in the results")
+    rank_zero_warn(
+        f"{stage}: {int(prompt_truncated.sum())} of {len(prompt_truncated)} rows had their prompt cut from the "
+        f"left to fit model.generation.max_prompt_tokens={max_prompt_tokens} or the model's positions (minus "
+        f"the completion budget); counted as {counted}. Raise max_prompt_tokens, or shorten the prompts."
+    )
+
+
+def visible_prompts(tokenizer, prompts: list[str], generated: Generated) -> list[str]:
+    """Each row's prompt as the policy saw it: the text itself, or for a cut prompt its kept tokens decoded."""
+    if generated.prompt_truncated is None or not bool(generated.prompt_truncated.any()):
+        return list(prompts)
+    seen = []
+    for text, ids, mask, cut in zip(prompts, generated.prompt_ids, generated.prompt_mask, generated.prompt_truncated):
+        seen.append(tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=False) if cut else text)
+    return seen

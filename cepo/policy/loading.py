@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Mapping
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 EMBEDDED_PREFIX = "embedded:"
+CONFIG_PREFIX = "config:"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 REFERENCE_ADAPTER = "reference"
 _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,8 +39,10 @@ class PolicyConfig:
     """Which network to fine-tune and how to load it."""
 
     name_or_path: str = "embedded:tiny-shortcut-llama"
-    """A hub id (``Qwen/Qwen2.5-0.5B-Instruct``), a local folder, or ``embedded:NAME`` for a model
-    shipped inside the package (``embedded:tiny-shortcut-llama``)."""
+    """A hub id (``Qwen/Qwen2.5-0.5B-Instruct``), a local folder, ``embedded:NAME`` for a model
+    shipped inside the package (``embedded:tiny-shortcut-llama``), or ``config:FOLDER`` for a model
+    built with random weights from ``FOLDER/config.json`` and the tokenizer in the same folder (memory
+    and speed measurements at a real model's shape, nothing downloaded)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when ``name_or_path`` is a hub id."""
     adapter_path: str | None = None
@@ -61,7 +65,17 @@ class PolicyConfig:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map ``embedded:NAME`` to the packaged folder; leave hub ids and paths unchanged."""
+    """Map ``embedded:NAME`` to the packaged folder and ``config:FOLDER`` to ``FOLDER``; leave hub ids and
+    paths unchanged."""
+    if name_or_path.startswith(CONFIG_PREFIX):
+        folder = Path(name_or_path[len(CONFIG_PREFIX) :]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"policy.name_or_path={name_or_path!r}: {folder / 'config.json'} does not exist. config:FOLDER "
+                "needs a folder with a model's config.json and its tokenizer files; write one for a Qwen2.5 "
+                "shape with `python benchmarks/gpu_step.py --write-model FOLDER`."
+            )
+        return str(folder)
     if not name_or_path.startswith(EMBEDDED_PREFIX):
         return name_or_path
     name = name_or_path[len(EMBEDDED_PREFIX) :]
@@ -81,7 +95,10 @@ def _looks_like_path(name: str) -> bool:
 
 def load_tokenizer(config: PolicyConfig):
     path = resolve_model_path(config.name_or_path)
-    tokenizer = _from_pretrained(AutoTokenizer, path, config, "tokenizer")
+    # A config: folder's tokenizer.json is used as written: AutoTokenizer would rebuild the tokenizer of
+    # the config's model type (Qwen2's byte-level BPE) around its vocabulary.
+    kind = PreTrainedTokenizerFast if config.name_or_path.startswith(CONFIG_PREFIX) else AutoTokenizer
+    tokenizer = _from_pretrained(kind, path, config, "tokenizer")
     if tokenizer.pad_token_id is None:
         # Padding is always masked out; reusing EOS is the usual choice for decoder-only models.
         tokenizer.pad_token = tokenizer.eos_token
@@ -135,6 +152,49 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether two ``policy.name_or_path`` values name the same model: equal, or the same last name
+    component (a hub id and a local copy of it, ``embedded:NAME`` and its packaged folder)."""
+    if a == b:
+        return True
+    if not a or not b:
+        return False
+    last = [re.split(r"[/\\:]", name.rstrip("/\\"))[-1] for name in (a, b)]
+    return last[0] == last[1] and bool(last[0])
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str, fix: str) -> None:
+    """Refuse ``tensors`` (a state dict) when one holds a NaN or an infinity, naming it and the count."""
+    for name, tensor in tensors.items():
+        if not torch.is_tensor(tensor) or not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor)
+        count = int(bad.sum())
+        if count:
+            kinds = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+            if kinds == "NaN" and bool(torch.isinf(tensor).any()):
+                kinds = "NaN and infinite"
+            raise ValueError(
+                f"{what}: tensor {name!r} holds {count} {kinds} value(s) of {tensor.numel()}; {fix}"
+            )
+
+
+def check_adapter(policy, config: PolicyConfig) -> None:
+    """Refuse a starting adapter (``policy.adapter_path``) trained on another base model, or holding a
+    weight that is not finite (it would sample NaN probabilities, or evaluate as all wrong)."""
+    trained = getattr(policy.peft_config.get("default"), "base_model_name_or_path", None)
+    if trained and not same_model(trained, resolve_model_path(config.name_or_path)) and not same_model(
+            trained, config.name_or_path):
+        raise ValueError(
+            f"policy.adapter_path={config.adapter_path!r} was trained on base model {trained!r}, but "
+            f"policy.name_or_path is {config.name_or_path!r}; set policy.name_or_path to the adapter's base "
+            "model (its adapter_config.json, base_model_name_or_path)"
+        )
+    weights = {name: param for name, param in policy.named_parameters() if "lora_" in name}
+    check_finite(weights, f"policy.adapter_path={config.adapter_path!r}",
+                 "the run that wrote this adapter diverged; start from an earlier adapter or without one")
+
+
 def load_policy(config: PolicyConfig) -> tuple[PeftModel, bool]:
     """The LoRA-wrapped policy and whether it carries a frozen ``reference`` adapter.
 
@@ -148,7 +208,14 @@ def load_policy(config: PolicyConfig) -> tuple[PeftModel, bool]:
     kwargs = {"dtype": _DTYPES[config.dtype]}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
-    base = _from_pretrained(AutoModelForCausalLM, path, config, "model", **kwargs)
+    if config.name_or_path.startswith(CONFIG_PREFIX):
+        # Random weights from torch's generator (seed_everything makes them reproducible); no weight
+        # files, so dtype "auto" has no stored dtype to follow and gives torch's default, float32.
+        if kwargs["dtype"] == "auto":
+            del kwargs["dtype"]
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **kwargs)
+    else:
+        base = _from_pretrained(AutoModelForCausalLM, path, config, "model", **kwargs)
     if config.disable_dropout:
         disable_dropout(base)  # before LoRA is injected, so lora.dropout keeps its configured value
     if config.gradient_checkpointing:
@@ -164,6 +231,7 @@ def load_policy(config: PolicyConfig) -> tuple[PeftModel, bool]:
         policy = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
         policy.load_adapter(str(adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         policy.set_adapter("default")
+        check_adapter(policy, config)
         has_reference = True
     else:
         lora = LoraConfig(

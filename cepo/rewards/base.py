@@ -77,7 +77,10 @@ class RewardFunction:
             name: Name of the term in logs (defaults to the class's own name).
         """
         if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"{type(self).__name__}: weight must be a finite number >= 0, got {weight}")
+            raise ValueError(
+                f"{type(self).__name__}: weight must be a finite number >= 0, got {weight}; set init_args.weight "
+                "to 0 to log the term without optimising it, or to a positive number"
+            )
         self.weight = float(weight)
         self.name = name or self.default_name
 

@@ -1,17 +1,134 @@
-"""Always keep the latest training state on disk, whatever the monitored metric did, also on preemption."""
+"""Always keep the latest training state on disk, whatever the monitored metric did, also on preemption;
+and write every checkpoint file and folder so that a kill leaves the old one or the new one, never a
+half-written one.
+
+* :class:`AtomicCheckpointIO` (installed by the CLI's trainer) writes ``*.ckpt`` files to a temporary file
+  in the checkpoint's own folder, fsyncs it and renames it over the target. Lightning's own writer stages
+  the file in the system temp folder and moves it; when that folder is on another filesystem (a local
+  ``/tmp`` and a shared checkpoint disk) the move is a copy, and a kill mid-copy truncates the target.
+* :func:`atomic_folder` does the same for folders (LoRA adapters, merged exports): they are written to a
+  temporary sibling folder and swapped in with a rename.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import shutil
 import signal
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 """143: the status a shell reports for a process ended by SIGTERM, which schedulers read as "terminated"."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` as one step: written to a temporary file beside ``path`` (same folder, so
+    the same filesystem, whatever ``TMPDIR`` says), fsynced, then renamed over ``path`` with
+    ``os.replace``. A kill at any point leaves the previous file or the new one, complete."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 -> what a plain open() would give
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_folder(target.parent)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with local checkpoint files written by :func:`atomic_save`
+    (remote URLs keep Lightning's writer)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(checkpoint, path)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system or
+    the filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Write a folder as one step: yields a temporary sibling folder (``.<name>.<random>.partial``) to
+    write into; on success its files are fsynced and it is swapped in for ``path``, and the previous
+    folder is deleted; on an error it is deleted and ``path`` is left as it was.
+
+    The swap is one atomic rename on Linux (``renameat2``, exchanging the two folders). Elsewhere the
+    previous folder is first renamed aside, then the new one into place: a kill between those two
+    renames leaves the previous folder complete under ``.<name>.<random>.previous``.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 -> what a plain mkdir would give
+        yield staging
+        for root, _, files in os.walk(staging):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as handle:
+                    os.fsync(handle.fileno())
+            _fsync_folder(Path(root))
+        if not target.exists():
+            os.rename(staging, target)
+        elif _exchange(staging, target):
+            shutil.rmtree(staging)  # now holds the previous folder
+        else:
+            previous = staging.with_suffix(".previous")
+            os.rename(target, previous)
+            os.rename(staging, target)
+            shutil.rmtree(previous)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_folder(target.parent)
 
 
 class LatestCheckpoint(Callback):

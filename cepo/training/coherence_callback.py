@@ -54,7 +54,9 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
         check_network("CoherenceRewardCallback", network)
         for name, weight in (("weight_zx", weight_zx), ("weight_xy", weight_xy), ("weight_zy", weight_zy)):
             if not weight >= 0:
-                raise ValueError(f"CoherenceRewardCallback: {name} must be >= 0, got {weight}")
+                raise ValueError(f"CoherenceRewardCallback: {name} must be >= 0, got {weight}; set {name} to 0 "
+                                 "to log the channel without rewarding it, or to a positive weight (the CE-PO "
+                                 "preset uses 0.1)")
         self.scorer = scorer if scorer is not None else CoherenceScorer()
         self.network = network
         self.lagged = LaggedPolicy(lag_steps) if network == "lagged" else None

@@ -20,11 +20,14 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
+from cepo.training.checkpoint_meta import check_checkpoint_file
+from cepo.training.checkpointing import AtomicCheckpointIO, atomic_folder
 from cepo.training.coherence_callback import CoherenceRewardCallback
 
 TRAINED_ADAPTER = "default"
@@ -52,19 +55,21 @@ def merged_state_dict(policy, adapter: str = TRAINED_ADAPTER) -> dict[str, Tenso
 
 
 def save_merged(policy, tokenizer, output_dir: str | Path, card: str) -> Path:
-    """Write the merged model, its tokenizer and ``README.md`` (the model card) to ``output_dir``."""
+    """Write the merged model, its tokenizer and ``README.md`` (the model card) to ``output_dir``, as one
+    step (:func:`~cepo.training.checkpointing.atomic_folder`): a kill leaves the previous folder or the
+    new one, never a mix."""
     target = Path(output_dir)
-    target.mkdir(parents=True, exist_ok=True)
     base = policy.get_base_model()
     state = merged_state_dict(policy)
     use_cache = base.config.use_cache
     base.config.use_cache = True  # training may have turned it off for gradient checkpointing
     try:
-        base.save_pretrained(str(target), state_dict=state)
+        with atomic_folder(target) as staging:
+            base.save_pretrained(str(staging), state_dict=state)
+            tokenizer.save_pretrained(str(staging))
+            (staging / "README.md").write_text(card)
     finally:
         base.config.use_cache = use_cache
-    tokenizer.save_pretrained(str(target))
-    (target / "README.md").write_text(card)
     return target
 
 
@@ -198,7 +203,14 @@ class MergedExport(Callback):
 
 
 class CEPOTrainer(Trainer):
-    """Lightning's Trainer with one more entry point, ``export`` (the ``cepo export`` subcommand)."""
+    """Lightning's Trainer with one more entry point, ``export`` (the ``cepo export`` subcommand), and
+    checkpoint files written atomically in their own folder (:class:`AtomicCheckpointIO`) unless a
+    strategy or plugin brings its own writer."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if type(self.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def export(self, model: LightningModule, datamodule=None, ckpt_path: str | None = None,
                output_dir: str | None = None) -> Path:
@@ -223,8 +235,7 @@ class CEPOTrainer(Trainer):
         run_dir, step = None, 0
         if ckpt_path is not None:
             path = Path(ckpt_path).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+            check_checkpoint_file(ckpt_path)
             checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
             model.on_load_checkpoint(checkpoint)
             model.load_state_dict(checkpoint["state_dict"])

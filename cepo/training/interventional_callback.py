@@ -49,7 +49,8 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
         check_network("InterventionalRewardCallback", network)
         for name, weight in (("weight_do", weight_do), ("weight_med", weight_med)):
             if not weight >= 0:
-                raise ValueError(f"InterventionalRewardCallback: {name} must be >= 0, got {weight}")
+                raise ValueError(f"InterventionalRewardCallback: {name} must be >= 0, got {weight}; set {name} to "
+                                 "0 to log the term without rewarding it, or to a positive weight")
         self.scorer = scorer if scorer is not None else InterventionalScorer()
         if weight_med > 0 and not self.scorer.mediation:
             raise ValueError("InterventionalRewardCallback: weight_med > 0 needs scorer.mediation: true")

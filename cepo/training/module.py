@@ -25,6 +25,7 @@ checkpoint state (:mod:`cepo.training.module_state`).
 from __future__ import annotations
 
 import copy
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +39,13 @@ from cepo.answers import AnswerParser, resolve_markers
 from cepo.data.datamodule import PromptBatch
 from cepo.data.prompts import render_prompt
 from cepo.evaluation.metrics import EvalMetrics
-from cepo.policy.generation import GenerationConfig, generate_completions
+from cepo.policy.generation import (
+    GenerationConfig,
+    check_position_budget,
+    generate_completions,
+    visible_prompts,
+    warn_prompts_cut,
+)
 from cepo.policy.loading import REFERENCE_ADAPTER, PolicyConfig, load_policy, load_tokenizer
 from cepo.policy.logprobs import batched_logprobs, completion_logprobs, micro_batches
 from cepo.records import Rollout
@@ -48,8 +55,10 @@ from cepo.rl.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, kl_penaliz
 from cepo.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, k1_kl
 from cepo.rl.losses import clipped_value_loss, explained_variance, loss_normalizer, policy_objective
 from cepo.rl.reductions import masked_mean, masked_sum, whiten
+from cepo.training.checkpointing import atomic_folder
 from cepo.training.critic import CRITIC_ADAPTER, Critic, CriticConfig
 from cepo.training.module_state import CheckpointState, fold_optimizer_steps
+from cepo.training.monitors import ConstantRewardMonitor
 from cepo.training.optimisation import Optimisation
 from cepo.training.options import (
     AdvantageConfig,
@@ -113,6 +122,7 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
         num_iterations: int = 1,
         completions_to_log: int = 4,
         eval_num_samples: int = 1,
+        reward_stall_steps: int = 10,
     ) -> None:
         """
         Args:
@@ -142,6 +152,9 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
             eval_num_samples: Completions per prompt in validation/test. 1 with ``eval_temperature`` 0 is
                 greedy pass@1; n > 1 (needs ``generation.eval_temperature`` > 0) reports ``accuracy`` as
                 the mean over n samples and ``pass_at_n`` as the fraction of prompts with any right one.
+            reward_stall_steps: Warn when every completion of the batch got the same fused reward, the same
+                value, for this many rollout steps in a row (nothing is learned from the reward then);
+                ``train/reward_constant_steps`` counts the current run of such steps. 0 never warns.
         """
         super().__init__()
         self.automatic_optimization = False
@@ -163,6 +176,8 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
         self.num_iterations = num_iterations
         self.completions_to_log = completions_to_log
         self.eval_num_samples = eval_num_samples
+        self.reward_stall_steps = reward_stall_steps
+        self.constant_reward = ConstantRewardMonitor(reward_stall_steps)
         self.parser = AnswerParser(resolve_markers(self.prompt.marker, self.prompt.parse_markers))
         self.estimator = ADVANTAGE_ESTIMATORS[self.advantage.estimator]
         self._check_static_options()
@@ -189,6 +204,8 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
         self.tokenizer = load_tokenizer(self.policy_config)
         self.policy, self.has_reference_adapter = load_policy(self.policy_config)
         self.policy.train()  # from_pretrained returns eval mode; generation switches modes itself
+        fitting = self._trainer is None or self.trainer.state.fn == "fit"
+        check_position_budget(self.policy, self.generation, training=fitting)
         if self.critic_config is not None:
             self.critic = Critic(self.critic_config, self.policy)
             self.critic.add_adapter(self.policy, self.policy_config.lora)
@@ -220,6 +237,15 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
                     "cepo.NetworkReward; subclass cepo.NetworkReward and implement "
                     "score_rollout(module, rollout, step) (the old on_rollout_batch hook is no longer called)"
                 )
+        kinds = [type(reward).__name__ for reward in self.network_rewards()]
+        doubled = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+        if doubled:
+            raise ValueError(
+                f"trainer.callbacks holds {', '.join(doubled)} more than once, so its reward terms would be attached "
+                "twice; each reward preset appends its own (configs/rewards/*.yaml, "
+                "configs/experiments/cepo_policy_network.yaml): use one preset, re-weight terms by name in "
+                "model.reward_weights, and change the callback's options with --trainer.callbacks.<option>"
+            )
 
     def network_rewards(self) -> list[NetworkReward]:
         """The trainer's callbacks that are rewards needing the network (found by type)."""
@@ -271,19 +297,23 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
         group = self.group_size if train else self.eval_num_samples
         prompts = self.render_prompts(batch.examples)
         gen = self.generation
+        # generation.sampling_seed: each prompt's samples keyed by its text, not by this device's stream.
+        keys = (None if gen.sampling_seed is None
+                else [json.dumps([gen.sampling_seed, stage, self.rollout_step, p]) for p in prompts])
         generated = generate_completions(
             self.policy, self.tokenizer, prompts, group,
             max_new_tokens=gen.max_new_tokens if train else (gen.eval_max_new_tokens or gen.max_new_tokens),
             temperature=gen.temperature if train else gen.eval_temperature,
             top_p=gen.top_p if train else 1.0, top_k=gen.top_k if train else 0,
-            max_prompt_tokens=gen.max_prompt_tokens,
+            max_prompt_tokens=gen.max_prompt_tokens, sample_keys=keys,
         )
         completions = self.tokenizer.batch_decode(generated.completion_ids, skip_special_tokens=True)
         parsed = [self.parser(text) for text in completions]
+        warn_prompts_cut(generated.prompt_truncated, stage, gen.max_prompt_tokens)
         rows = [ex for ex in batch.examples for _ in range(group)]
         return Rollout(
             examples=rows,
-            prompts=[p for p in prompts for _ in range(group)],
+            prompts=visible_prompts(self.tokenizer, [p for p in prompts for _ in range(group)], generated),
             completions=completions,
             rationales=[p.rationale for p in parsed],
             answers=[p.answer for p in parsed],
@@ -294,6 +324,7 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
             completion_ids=generated.completion_ids,
             completion_mask=generated.completion_mask,
             truncated=generated.truncated,
+            prompt_truncated=generated.prompt_truncated,
             stage=stage,
         )
 
@@ -564,13 +595,17 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
     def export_adapter(self, path: str) -> None:
         """Write the trained LoRA adapter in PEFT format (``PeftModel.from_pretrained`` loads it) and the
         tokenizer to ``path`` (``fit`` writes ``<log_dir>/adapter``); with a critic also
-        ``value_head.safetensors`` and, for ``critic.kind: separate``, the critic adapter in ``critic/``."""
+        ``value_head.safetensors`` and, for ``critic.kind: separate``, the critic adapter in ``critic/``.
+        The folder is written as one step (:func:`~cepo.training.checkpointing.atomic_folder`): a kill
+        leaves the previous folder or the new one, never a mix."""
         target = Path(path)
-        self.policy.save_pretrained(str(target), selected_adapters=["default"])
-        self.tokenizer.save_pretrained(str(target))
+        with atomic_folder(target) as staging:
+            self.policy.save_pretrained(str(staging), selected_adapters=["default"])
+            self.tokenizer.save_pretrained(str(staging))
+            if self.critic is not None:
+                self.critic.export(self.policy, staging)
         rank_zero_info(f"LoRA adapter written to {target}")
         if self.critic is not None:
-            self.critic.export(self.policy, target)
             rank_zero_info(f"value head written to {target}")
 
 
@@ -584,14 +619,14 @@ class GRPO(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="grpo"),
-        kl: KLConfig = KLConfig(coef=0.001, placement="loss"),
+        kl: KLConfig = KLConfig(placement="loss"),
         critic: CriticConfig | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             advantage: ``estimator: grpo`` with its ``scale``, ``min_std`` and ``per_term`` options.
-            kl: k3 KL loss term with coefficient 0.001 (the CE-PO authors' setting).
+            kl: k3 KL loss term at the default ``KLConfig.coef`` (the CE-PO authors' setting).
             critic: None: GRPO needs no value model.
             **kwargs: Every other option of :class:`CEPOModule` (policy, generation, rewards, loss, ...).
         """
@@ -608,14 +643,14 @@ class RLOO(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="rloo"),
-        kl: KLConfig = KLConfig(coef=0.001, placement="loss"),
+        kl: KLConfig = KLConfig(placement="loss"),
         critic: CriticConfig | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             advantage: ``estimator: rloo`` (needs ``group_size`` >= 2).
-            kl: k3 KL loss term with coefficient 0.001.
+            kl: k3 KL loss term at the default ``KLConfig.coef``.
             critic: None: RLOO needs no value model.
             **kwargs: Every other option of :class:`CEPOModule`.
         """
@@ -632,14 +667,14 @@ class ReinforcePP(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="reinforce_pp"),
-        kl: KLConfig = KLConfig(coef=0.001, placement="reward"),
+        kl: KLConfig = KLConfig(placement="reward"),
         critic: CriticConfig | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             advantage: ``estimator: reinforce_pp`` with discount ``gamma``.
-            kl: k1 penalty in the token rewards with coefficient 0.001.
+            kl: k1 penalty in the token rewards at the default ``KLConfig.coef``.
             critic: None: REINFORCE++ needs no value model.
             **kwargs: Every other option of :class:`CEPOModule`.
         """
@@ -657,7 +692,7 @@ class PPO(CEPOModule):
     def __init__(
         self,
         advantage: AdvantageConfig = AdvantageConfig(estimator="gae", whiten=True),
-        kl: KLConfig = KLConfig(coef=0.001, placement="reward"),
+        kl: KLConfig = KLConfig(placement="reward"),
         critic: CriticConfig | None = CriticConfig(),
         group_size: int = 1,
         num_iterations: int = 2,
@@ -666,8 +701,8 @@ class PPO(CEPOModule):
         """
         Args:
             advantage: ``estimator: gae`` (``gamma``, ``lam``; CE-PO authors: 1.0, 1.0), whitened.
-            kl: k1 penalty in the token rewards, coefficient 0.001 (the authors' PPO run); set ``target``
-                for the adaptive controller.
+            kl: k1 penalty in the token rewards at the default ``KLConfig.coef`` (the authors' PPO run); set
+                ``target`` for the adaptive controller.
             critic: The value model: a value head on the policy (``kind: head``) or a separate adapter.
             group_size: Samples per prompt (PPO needs no group; 1 is the usual choice).
             num_iterations: PPO epochs over each rollout (each epoch runs every mini-batch once).

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from cepo.policy.loading import check_finite
 from cepo.rl.kl import FixedKLController
+from cepo.training.checkpoint_meta import check_policy_record, check_shapes, policy_record
 
 
 def fold_optimizer_steps(trainer, optimizer_steps_this_rollout: int) -> None:
@@ -57,6 +59,7 @@ class CheckpointState:
                 f"checkpoint does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
                 "Resume with the same policy.name_or_path, adapter and LoRA settings as the run that wrote it."
             )
+        check_shapes(state_dict, dict(self.named_parameters()))
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -66,13 +69,21 @@ class CheckpointState:
             "algorithm": self.algorithm,
             "rng": _rng_state(),
             "kl_controller": {"kind": self._kl_controller_kind(), **self.kl_controller.state_dict()},
+            "policy": policy_record(self.policy, self.policy_config),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("cepo")
         if state is None:
             raise ValueError("this checkpoint was not written by cepo (no 'cepo' section); cannot resume from it")
-        if state.get("algorithm") != self.algorithm:
+        stage = self.trainer.state.fn if self._trainer is not None else None
+        evaluating = stage in ("validate", "test", "predict")  # the algorithm and data options do not apply
+        check_finite(checkpoint.get("state_dict", {}), "checkpoint",
+                     "the run that wrote it diverged; use an earlier checkpoint of that run")
+        if "policy" in state and self.policy is not None:
+            check_policy_record(state["policy"], policy_record(self.policy, self.policy_config),
+                                resuming=stage == "fit")
+        if not evaluating and state.get("algorithm") != self.algorithm:
             raise ValueError(
                 f"checkpoint was written by algorithm {state.get('algorithm')!r}, this run is {self.algorithm!r}; "
                 "resume it with the model.class_path of the run that wrote it, or start this run without "

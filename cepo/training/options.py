@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from cepo.data.prompts import FAMILIES
+from cepo.policy.generation import check_generation_options
 from cepo.rl.advantages import ADVANTAGE_ESTIMATORS, ADVANTAGE_OPTIONS, AdvantageEstimatorName, AdvantageScale
 from cepo.rl.kl import KLEstimatorName
 from cepo.rl.losses import LossAggregationName, PolicyLossName
@@ -103,8 +104,8 @@ class KLConfig:
     """The KL divergence to the frozen reference policy (:mod:`cepo.rl.kl`)."""
 
     coef: float = 0.001
-    """KL coefficient (initial value when ``target`` is set); CE-PO authors: 0.001. 0 with no ``target``
-    skips the reference forward pass."""
+    """KL coefficient (initial value when ``target`` is set); the default is the CE-PO authors' value. 0
+    with no ``target`` skips the reference forward pass."""
     placement: Literal["loss", "reward"] = "loss"
     """``loss``: a per-token KL term added to the policy loss (GRPO). ``reward``: a per-token penalty
     ``-coef * KL`` in the rewards, before the advantages (Ziegler et al. 2019; PPO, REINFORCE++)."""
@@ -144,6 +145,8 @@ class OptionChecks:
                 raise ValueError(f"model.reward_weights[{name!r}]={weight} must be a finite number >= 0")
         if self.group_size < 1 or self.micro_batch_size < 1 or self.num_iterations < 1:
             raise ValueError("model.group_size, model.micro_batch_size and model.num_iterations must be >= 1")
+        if self.reward_stall_steps < 0:
+            raise ValueError(f"model.reward_stall_steps={self.reward_stall_steps} must be >= 0 (0 never warns)")
         if self.eval_num_samples < 1:
             raise ValueError("model.eval_num_samples must be >= 1")
         if self.eval_num_samples > 1 and self.generation.eval_temperature <= 0:
@@ -151,16 +154,7 @@ class OptionChecks:
                 f"model.eval_num_samples={self.eval_num_samples} samples identical greedy completions; set "
                 "model.generation.eval_temperature > 0 (e.g. 0.6) or eval_num_samples to 1"
             )
-        if self.generation.max_new_tokens < 1:
-            raise ValueError(
-                f"model.generation.max_new_tokens={self.generation.max_new_tokens}: a completion needs at least "
-                "one token; set it to the longest answer you expect (e.g. 256)"
-            )
-        if self.generation.eval_max_new_tokens is not None and self.generation.eval_max_new_tokens < 1:
-            raise ValueError(
-                f"model.generation.eval_max_new_tokens={self.generation.eval_max_new_tokens} must be >= 1, or "
-                "null to use max_new_tokens"
-            )
+        check_generation_options(self.generation, training=False)
         if self.optim.scheduler not in ("constant", "linear", "cosine"):
             raise ValueError(f"model.optim.scheduler={self.optim.scheduler!r}; choose constant, linear or cosine")
         if not math.isfinite(self.reward_p) and abs(self.reward_p) != math.inf:
@@ -203,12 +197,7 @@ class OptionChecks:
 
     def check_training_options(self) -> None:
         """Options that only matter for training (``fit``), refused before the first rollout."""
-        if not self.generation.temperature > 0:
-            raise ValueError(
-                f"model.generation.temperature={self.generation.temperature}: training samples G completions "
-                "per prompt and scores their log-probs at this temperature, so it must be > 0 (1.0 is "
-                "usual); greedy decoding is for evaluation (model.generation.eval_temperature: 0)"
-            )
+        check_generation_options(self.generation, training=True)
         if self.estimator.group_relative and self.group_size < 2:
             raise ValueError(
                 f"model.group_size={self.group_size} with the group-relative estimator "

@@ -33,7 +33,8 @@ def prediction_records(rollout: Rollout, dataset: str, coherence: dict[str, torc
 
     ``correct`` is present only when the question has a gold answer; it is the accuracy reward's verdict
     (``answers_match`` under the example's matching rule). ``coherence`` maps channel names to ``(N,)``
-    scores to include as ``coherence_<channel>``.
+    scores to include as ``coherence_<channel>``, and may hold ``truncated``: 1 where the scored sequence was
+    cut to fit the model's positions (written as the boolean ``coherence_truncated``).
     """
     records = []
     group = max(rollout.group_size, 1)
@@ -49,6 +50,7 @@ def prediction_records(rollout: Rollout, dataset: str, coherence: dict[str, torc
             "answer": rollout.answers[i],
             "marker_found": bool(rollout.marker_found[i]),
             "truncated": bool(rollout.truncated[i]),
+            "prompt_truncated": rollout.prompt_truncated is not None and bool(rollout.prompt_truncated[i]),
         }
         if example.gold:
             record["gold"] = list(example.gold)
@@ -56,7 +58,8 @@ def prediction_records(rollout: Rollout, dataset: str, coherence: dict[str, torc
                 rollout.answers[i], example.gold, example.answer_kind, options=example.meta.get("options")
             ))
         for channel, values in (coherence or {}).items():
-            record[f"coherence_{channel}"] = float(values[i])
+            value = float(values[i])
+            record[f"coherence_{channel}"] = bool(value) if channel == "truncated" else value
         records.append(record)
     return records
 
@@ -79,9 +82,11 @@ class PredictionBatch:
 class PredictionWriter(Callback):
     """Writes ``cepo predict``'s completions as JSON lines (nothing happens in fit/validate/test).
 
-    Each line holds ``dataset``, ``id``, ``sample``, ``question``, ``prompt`` (Z as the policy saw it),
-    ``completion``, ``rationale`` (X) and ``answer`` (Y) from the project's answer parser,
-    ``marker_found``, ``truncated``, and, when the question has a gold answer, ``gold`` and ``correct``.
+    Each line holds ``dataset``, ``id``, ``sample``, ``question``, ``prompt`` (Z as the policy saw it: a
+    prompt cut to fit is written as cut), ``completion``, ``rationale`` (X) and ``answer`` (Y) from the
+    project's answer parser, ``marker_found``, ``truncated`` (the completion hit its budget),
+    ``prompt_truncated`` (the prompt was cut from the left), and, when the question has a gold answer,
+    ``gold`` and ``correct``; with ``coherence``, the channel scores and ``coherence_truncated``.
     """
 
     def __init__(self, output: str | None = None, coherence: bool = False) -> None:
@@ -136,7 +141,9 @@ class PredictionWriter(Callback):
         callback = self._scoring
         result = score_coherence(pl_module, callback.network, callback.scorer, rollout.examples, rollout.prompts,
                                  rollout.rationales, rollout.answers, pl_module.rollout_step)
-        return {channel: getattr(result, channel) for channel in CHANNELS}
+        scores = {channel: getattr(result, channel) for channel in CHANNELS}
+        scores["truncated"] = result.diagnostics.get("truncated", torch.zeros(len(rollout)))
+        return scores
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._handle is not None and self._handle is not sys.stdout:

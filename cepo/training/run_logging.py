@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from cepo.evaluation.metrics import EvalMetrics, format_table, rollout_faithfulness
 from cepo.records import Rollout
@@ -35,6 +35,8 @@ class RunLogging:
         metrics["completion/length_mean"] = float(lengths.mean())
         metrics["completion/length_max"] = float(lengths.max())
         metrics["completion/truncated"] = float(rollout.truncated.float().mean())
+        if rollout.prompt_truncated is not None:
+            metrics["prompt/truncated"] = float(rollout.prompt_truncated.float().mean())
         metrics["completion/marker_found"] = float(rollout.marker_found.float().mean())
         metrics["lr"] = float(self.lr_schedulers().get_last_lr()[0])
         metrics["optimizer_steps"] = float(self._optimizer_steps)
@@ -56,6 +58,10 @@ class RunLogging:
         if "time/step_s" in logged:
             self.log("s/step", logged["time/step_s"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self.log("train/reward", logged["reward_mean"], on_step=True, on_epoch=False)
+        stalled = self.constant_reward.update(logged["reward_mean"], logged["reward_std"])
+        self.log("train/reward_constant_steps", float(self.constant_reward.run), on_step=True, on_epoch=False)
+        if stalled:
+            rank_zero_warn(stalled)
         row_advantages = self._row_advantages(advantages, mask) if advantages is not None else None
         self._log_rollout_tables(rollout, row_advantages)
 

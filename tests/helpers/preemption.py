@@ -22,3 +22,15 @@ class PauseForSignalAtStep(Callback):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no SIGTERM within {self.timeout_s} s of {self.marker}")
             time.sleep(0.05)
+
+
+class RaiseAtStep(Callback):
+    """After rollout step ``step`` finishes, raise an ordinary ``ValueError``: an error during fit that is
+    not a preemption."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise ValueError(f"an ordinary error at rollout step {self.step}")
