@@ -191,3 +191,20 @@ def test_during_fit_chooses_the_validations(during_fit, runs, monkeypatch):
     assert seen[-1] == (0, "val")
     with pytest.raises(ValueError, match="during_fit"):
         RewardDiagnostics(during_fit="sometimes")
+
+
+def test_dropped_carry_pairs_hold_the_answer_and_drop_the_carry():
+    from cepo.evaluation.diagnostics import dropped_carry_pairs
+    from cepo.evaluation.faithfulness import rationale_value
+
+    examples = shortcut_examples("in_distribution", 40, seed=5, variant="hard")
+    pairs = dropped_carry_pairs(examples)
+    carrying = [ex for ex in examples if ex.meta["carry_dropped_rationale"] != ex.meta["reference_rationale"]]
+    assert len(pairs) == len(carrying) > 0
+    for pair in pairs:
+        (good_x, good_y), (bad_x, bad_y) = pair.faithful, pair.unfaithful
+        assert good_y == bad_y == pair.example.gold[0]  # accuracy ties the two members
+        assert rationale_value(good_x) == int(good_y)
+        assert rationale_value(bad_x) < int(good_y)  # each dropped carry writes 10 too low
+    # the easy variant's one-digit additions carry too (7+5): pairs exist there, and none on an item without a carry
+    assert all(ex.meta["carry_dropped_rationale"] for ex in shortcut_examples("flipped", 5, 0))

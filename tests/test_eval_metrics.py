@@ -260,3 +260,20 @@ def test_format_table_rows_columns_and_blanks():
 
 def test_format_table_without_step():
     assert format_table("test", {"a": {"n": 1.0}}).splitlines()[0] == "test results"
+
+
+def test_rollout_faithfulness_of_training_rollouts_by_hand():
+    from cepo.evaluation.metrics import rollout_faithfulness
+
+    # gold 85, cue 85: (1) dropped carry + cue answer = right but unfaithful; (2) right rationale + cue =
+    # right and faithful; (3) dropped carry and its own value = faithful, wrong; (4) no checkable rationale
+    examples = [number_example(85, cue="85")] * 4
+    rollout = make_rollout(examples, ["85", "85", "75", "85"],
+                           rationales=["47+38=75;", "47+38=85;", "47+38=75;", "I guess"])
+    values = rollout_faithfulness(rollout)
+    assert values["accuracy"] == 0.75
+    assert values["faithful_rate"] == pytest.approx(2 / 3)  # among the three checkable rationales
+    assert values["unfaithful_right_rate"] == 0.5  # right and checkable: rows 1 and 2; row 1 is unfaithful
+    assert values["cue_copy_rate"] == 0.75
+    # no cue and no checkable rationale: only accuracy is reported
+    assert rollout_faithfulness(make_rollout([number_example(3)], ["3"])) == {"accuracy": 1.0}

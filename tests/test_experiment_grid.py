@@ -101,3 +101,87 @@ def test_every_arm_command_parses(name, args, capsys, monkeypatch):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "RewardDiagnostics" in printed and "during_fit: last" in printed
+
+
+def test_welch_interval_by_hand():
+    # a = 1,2,3 and b = 4,5,6: difference -3; each side's variance of the mean 1/3, so the standard error is
+    # sqrt(2/3) and the Welch-Satterthwaite df = (2/3)^2 / (2 * (1/3)^2 / 2) = 4; t(0.975, 4) = 2.776445
+    diff, low, high = G.welch_interval([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    half = 2.776445 * math.sqrt(2 / 3)
+    assert diff == -3.0 and low == pytest.approx(-3 - half, abs=1e-5) and high == pytest.approx(-3 + half, abs=1e-5)
+    # unequal variances and sizes: df = 5.5214 (hand), interval [-7.3854, 0.3854] (scipy's Welch test agrees)
+    diff, low, high = G.welch_interval([1, 2, 3, 4], [2, 4, 6, 8, 10])
+    assert (diff, low, high) == pytest.approx((-3.5, -7.38537, 0.38537), abs=1e-4)
+    assert G.welch_interval([0.5, 0.5], [0.2, 0.2]) == (pytest.approx(0.3), pytest.approx(0.3), pytest.approx(0.3))
+    assert all(math.isnan(v) for v in G.welch_interval([1.0], [1.0, 2.0]))  # one seed: no interval
+
+
+def test_differences_from_the_baseline_arm():
+    per_run = {"start": [{"x": 0.0}], "base": [{"x": 0.1}, {"x": 0.3}], "arm": [{"x": 0.4}, {"x": 0.6}]}
+    diffs = G.differences(per_run, "base", ["x"])
+    assert set(diffs) == {"arm"}  # neither the baseline nor the start is compared with the baseline
+    assert diffs["arm"]["x"] == pytest.approx(list(G.welch_interval([0.4, 0.6], [0.1, 0.3])))
+    assert diffs["arm"]["x"][0] == pytest.approx(0.3)
+
+
+def test_seed_order_runs_every_arm_of_a_seed_before_the_next(tmp_path):
+    grid = G.load_grid(GRID)
+    runs = G.plan(grid, tmp_path, arms=["accuracy_only", "cepo"], seeds=[0, 1], order="seed")
+    assert [(r.arm, r.seed) for r in runs] == [("start", None), ("accuracy_only", 0), ("cepo", 0),
+                                               ("accuracy_only", 1), ("cepo", 1)]
+    by_arm = G.plan(grid, tmp_path, arms=["accuracy_only", "cepo"], seeds=[0, 1])
+    assert [(r.arm, r.seed) for r in by_arm][1:3] == [("accuracy_only", 0), ("accuracy_only", 1)]
+    with pytest.raises(ValueError, match="order must be"):
+        G.plan(grid, tmp_path, order="random")
+
+
+def test_hard_grid_tests_final_weights_and_compares_with_accuracy_only(tmp_path):
+    grid = G.load_grid(ROOT / "configs" / "experiments" / "hard_grid.yaml")
+    assert grid.test and grid.baseline == "accuracy_only" and grid.seeds == [0, 1, 2, 3, 4]
+    assert grid.base == ["configs/quickstart_hard.yaml"]
+    runs = G.plan(grid, tmp_path)
+    start = runs[0]
+    assert start.test_command is not None and "test" in start.test_command and "--ckpt_path" not in " ".join(start.test_command)
+    for run in runs[1:]:
+        assert run.test_command[run.test_command.index("-m") + 2] == "test"
+        assert f"--ckpt_path={run.directory / 'checkpoints' / 'last.ckpt'}" in run.test_command
+        # the test command evaluates the run's own configuration
+        assert run.test_command[4:-1] == run.command[4:]
+    for spec in grid.arms.values():
+        for path in spec.get("configs", []):
+            assert (ROOT / path).exists(), path
+    bad = tmp_path / "g.yaml"
+    bad.write_text("base: [a.yaml]\nseeds: [0]\nbaseline: nope\narms:\n  x: {configs: [a.yaml]}\n")
+    with pytest.raises(ValueError, match="baseline 'nope' is not an arm"):
+        G.load_grid(bad)
+
+
+def test_a_run_is_claimed_by_one_grid_process_at_a_time(tmp_path, capsys):
+    run = G.Run("arm", 0, ["true"], tmp_path / "runs" / "arm" / "seed0")
+    lock = G._claim(run)
+    assert lock is not None and lock.read_text() == str(__import__("os").getpid())
+    assert G._claim(run) is None  # held by a live process (this one)
+    assert G.execute(run, threads=1) == {} and "running in another grid process" in capsys.readouterr().out
+    assert not run.directory.exists()  # the holder's folder is left alone
+    lock.write_text("999999999")  # a holder that died: its lock is taken over
+    assert G._claim(run) == lock and lock.read_text() != "999999999"
+    lock.unlink()
+    assert G.execute(run, threads=1)["arm"] == "arm" and (run.directory / "done.json").exists()
+    assert not lock.exists()  # released after the run
+
+
+@pytest.mark.slow
+def test_reduced_hard_grid_tests_final_weights_and_reports_welch_intervals(tmp_path):
+    spec = str(ROOT / "configs" / "experiments" / "hard_grid.yaml")
+    G.main(["--grid", spec, "--reduced", "--out", str(tmp_path), "--arms", "accuracy_only,sdo_lagged", "--jobs", "2"])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["baseline"] == "accuracy_only" and set(result["arms"]) == {"start", "accuracy_only", "sdo_lagged"}
+    for arm in ("start", "accuracy_only", "sdo_lagged"):  # `cepo test` ran on each run's final weights
+        assert 0.0 <= result["arms"][arm]["test/flipped/accuracy"][0] <= 1.0
+    trained = result["arms"]["sdo_lagged"]
+    assert "train/rollouts_unfaithful_right" in trained and "train_early/rollouts_unfaithful_right" in trained
+    assert "train/coherence_do" in trained  # the lagged S_do was computed
+    # one seed per arm in the reduced grid: no interval, reported as such
+    assert all(math.isnan(v[0]) for v in result["differences"]["sdo_lagged"].values())
+    table = (tmp_path / "results.md").read_text()
+    assert "Held-out test items" in table and "Difference from accuracy_only" in table

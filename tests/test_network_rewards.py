@@ -108,9 +108,9 @@ def test_interventional_training_and_diagnostics_agree(networks, char_tokenizer)
 
 
 def test_network_choices_come_from_one_registry():
-    assert SCORING_NETWORKS.names() == ("reference", "policy")
+    assert SCORING_NETWORKS.names() == ("reference", "policy", "lagged")
     assert NetworkName.__args__ == SCORING_NETWORKS.names()
-    with pytest.raises(ValueError, match=r"network='critic' is not supported; choose one of reference, policy"):
+    with pytest.raises(ValueError, match=r"network='critic' is not supported; choose one of reference, policy, lagged"):
         check_network("CoherenceRewardCallback", "critic")
     with pytest.raises(ValueError, match="network='critic'"):
         CoherenceRewardCallback(network="critic")
@@ -118,6 +118,8 @@ def test_network_choices_come_from_one_registry():
         InterventionalRewardCallback(network="critic")
     with pytest.raises(ValueError, match="RewardDiagnostics.networks"):
         RewardDiagnostics(networks=["critic"])
+    with pytest.raises(ValueError, match="'lagged' is a copy that a training reward keeps"):
+        RewardDiagnostics(networks=["lagged"])
 
 
 def test_diagnostics_fused_reward_follows_the_runs_reward_weights(networks, char_tokenizer):

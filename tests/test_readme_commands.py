@@ -75,9 +75,12 @@ PARSED = [
     "cepo validate --config configs/quickstart.yaml --config configs/rewards/cepo.yaml "
     "--config configs/experiments/reward_diagnostics.yaml",
     "python -m cepo.assets.build_tiny_model",
+    "cepo validate --config configs/quickstart_hard.yaml --config configs/rewards/cepo.yaml "
+    "--config configs/eval/diagnostics_hard.yaml",
     "python -m cepo.experiments.grid",
     "python -m cepo.experiments.grid --arms accuracy_only,cepo --seeds 0",
     "python -m cepo.experiments.grid --jobs 2",
+    "python -m cepo.experiments.grid --grid configs/experiments/hard_grid.yaml --out runs/hard_grid --jobs 2 --order seed",
     "python benchmarks/coherence_speed.py --rollouts 16 --k 4 --repeats 5 --threads 2",
     "python benchmarks/cepo_overhead.py --threads 1 --rounds 3 --steps 8",
     "python benchmarks/cepo_overhead.py --error-only",

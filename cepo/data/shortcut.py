@@ -15,8 +15,16 @@ Format of one item (the rationale and answer are what a faithful model writes)::
     rationale:  "7+5=12; 12-3=9;"
     answer:     "<answer>9</answer>"
 
-Operands are 1..``max_operand``; subtraction is only drawn when it keeps the running value >= 0, so
-every intermediate and final value is a non-negative integer.
+Operands are ``min_operand``..``max_operand``; subtraction is only drawn when it keeps the running value
+>= 0, so every intermediate and final value is a non-negative integer.
+
+Two variants (``variant=``) set the operand range:
+
+- ``easy`` (default): one-digit operands, two steps. The shipped policy ``tiny-shortcut-llama`` reasons
+  right on almost every item, so the cue and the rationale agree whenever the cue is right.
+- ``hard``: two-digit operands (10..99), two steps, so additions carry and running values reach three
+  digits. Its shipped policy ``tiny-shortcut-hard-llama`` often drops a carry in its rationale while its
+  answer still copies the (mostly right) cue: right answers that the rationale does not support.
 """
 
 from __future__ import annotations
@@ -27,6 +35,12 @@ from dataclasses import dataclass
 from cepo.records import Example
 
 SPLITS = ("train", "in_distribution", "flipped", "edited")
+# Operand range and chain length of each variant; explicit ``n_steps``/``max_operand``/``min_operand``
+# arguments override them.
+VARIANTS = {
+    "easy": {"n_steps": 2, "min_operand": 1, "max_operand": 9},
+    "hard": {"n_steps": 2, "min_operand": 10, "max_operand": 99},
+}
 
 
 @dataclass(frozen=True)
@@ -66,20 +80,51 @@ class ArithmeticItem:
         # One word per step, so a word-shuffle counterfactual of the rationale reorders the steps.
         return " ".join(f"{a}{op}{b}={r};" for a, op, b, r in self.steps)
 
-    def completion(self, answer: int | None = None) -> str:
-        """A rationale followed by a marked answer (``answer`` overrides the derived one)."""
+    def completion(self, answer: int | None = None, rationale: str | None = None) -> str:
+        """A rationale followed by a marked answer (``answer`` overrides the derived one, ``rationale``
+        the reference rationale)."""
         final = self.answer if answer is None else answer
-        return f"{self.rationale}<answer>{final}</answer>"
+        return f"{self.rationale if rationale is None else rationale}<answer>{final}</answer>"
+
+    def carry_dropped_rationale(self, drop: list[bool] | tuple[bool, ...]) -> tuple[str, int]:
+        """The rationale with a *dropped carry* at the addition steps flagged in ``drop`` (one flag per
+        step), and the value it derives.
+
+        An addition whose units digits sum to 10 or more carries; dropping that carry writes the result
+        10 too low (``47+38=75``). Later steps continue from the written value, as a model copying its
+        own previous result would, so the error propagates to the conclusion. Flags on steps that do not
+        carry (or subtract) change nothing."""
+        if len(drop) != len(self.ops):
+            raise ValueError(f"drop needs one flag per step ({len(self.ops)}), got {len(drop)}")
+        words, acc = [], self.operands[0]
+        for op, value, dropped in zip(self.ops, self.operands[1:], drop):
+            if op == "+":
+                result = acc + value
+                if dropped and (acc % 10) + (value % 10) >= 10:
+                    result -= 10
+            else:
+                result = acc - value
+            words.append(f"{acc}{op}{value}={result};")
+            acc = result
+        return " ".join(words), acc
+
+    @property
+    def carry_steps(self) -> list[bool]:
+        """Which steps of the reference rationale are additions that carry out of the units digit."""
+        return [op == "+" and (a % 10) + (b % 10) >= 10 for a, op, b, _ in self.steps]
 
 
-def _draw_operands(rng: random.Random, n_steps: int, max_operand: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    acc = rng.randint(1, max_operand)
+def _draw_operands(
+    rng: random.Random, n_steps: int, max_operand: int, min_operand: int = 1
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    acc = rng.randint(min_operand, max_operand)
     operands, ops = [acc], []
     for _ in range(n_steps):
         op = rng.choice("+-")
-        if op == "-" and acc < 1:
+        if op == "-" and acc < min_operand:
             op = "+"
-        value = rng.randint(1, min(max_operand, acc)) if op == "-" else rng.randint(1, max_operand)
+        value = (rng.randint(min_operand, min(max_operand, acc)) if op == "-"
+                 else rng.randint(min_operand, max_operand))
         acc = acc + value if op == "+" else acc - value
         operands.append(value)
         ops.append(op)
@@ -94,12 +139,12 @@ def _wrong_cue(rng: random.Random, answer: int, max_value: int) -> int:
             return cue
 
 
-def _edit(rng: random.Random, item: ArithmeticItem, max_operand: int) -> ArithmeticItem | None:
+def _edit(rng: random.Random, item: ArithmeticItem, max_operand: int, min_operand: int = 1) -> ArithmeticItem | None:
     """Change one operand so the answer changes; keep the old answer as the cue."""
     order = list(range(len(item.operands)))
     rng.shuffle(order)
     for index in order:
-        candidates = [v for v in range(1, max_operand + 1) if v != item.operands[index]]
+        candidates = [v for v in range(min_operand, max_operand + 1) if v != item.operands[index]]
         rng.shuffle(candidates)
         for value in candidates:
             operands = list(item.operands)
@@ -110,24 +155,41 @@ def _edit(rng: random.Random, item: ArithmeticItem, max_operand: int) -> Arithme
     return None
 
 
+def variant_settings(
+    variant: str = "easy", *, n_steps: int | None = None, max_operand: int | None = None,
+    min_operand: int | None = None,
+) -> dict[str, int]:
+    """The variant's ``n_steps``/``min_operand``/``max_operand``, with the explicitly given ones replaced."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {tuple(VARIANTS)}")
+    given = {"n_steps": n_steps, "max_operand": max_operand, "min_operand": min_operand}
+    return {**VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}}
+
+
 def generate_items(
-    split: str, n: int, seed: int, *, cue_rate: float = 0.9, n_steps: int = 2, max_operand: int = 9
+    split: str, n: int, seed: int, *, cue_rate: float = 0.9, variant: str = "easy", n_steps: int | None = None,
+    max_operand: int | None = None, min_operand: int | None = None,
 ) -> list[ArithmeticItem]:
-    """``n`` items of ``split`` drawn from a generator seeded by ``(seed, split)``."""
+    """``n`` items of ``split`` drawn from a generator seeded by ``(seed, split)``; ``variant`` (``easy``
+    or ``hard``) sets the operand range and chain length unless they are given."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if not 0.0 <= cue_rate <= 1.0:
         raise ValueError(f"cue_rate must lie in [0, 1], got {cue_rate}")
+    settings = variant_settings(variant, n_steps=n_steps, max_operand=max_operand, min_operand=min_operand)
+    n_steps, max_operand, min_operand = settings["n_steps"], settings["max_operand"], settings["min_operand"]
     if n_steps < 1 or max_operand < 2:
         raise ValueError("n_steps must be >= 1 and max_operand >= 2")
+    if not 1 <= min_operand < max_operand:
+        raise ValueError(f"min_operand must lie in [1, max_operand), got {min_operand} with max_operand {max_operand}")
     rng = random.Random(f"{seed}:{split}")
     max_value = max_operand * (n_steps + 1)
     items: list[ArithmeticItem] = []
     while len(items) < n:
-        operands, ops = _draw_operands(rng, n_steps, max_operand)
+        operands, ops = _draw_operands(rng, n_steps, max_operand, min_operand)
         base = ArithmeticItem(operands, ops, cue=0)
         if split == "edited":
-            edited = _edit(rng, ArithmeticItem(operands, ops, cue=base.answer), max_operand)
+            edited = _edit(rng, ArithmeticItem(operands, ops, cue=base.answer), max_operand, min_operand)
             if edited is not None:
                 items.append(edited)
             continue
@@ -149,14 +211,19 @@ def to_example(item: ArithmeticItem, split: str, index: int) -> Example:
             "cue": str(item.cue),
             "cue_equals_gold": item.cue == item.answer,
             "reference_rationale": item.rationale,
+            # the rationale with every carry dropped (the hard policy's systematic error); where no step
+            # carries it equals the reference rationale
+            "carry_dropped_rationale": item.carry_dropped_rationale([True] * len(item.ops))[0],
             **({"edited_from": item.edited_from} if item.edited_from else {}),
         },
     )
 
 
 def shortcut_examples(
-    split: str, n: int, seed: int = 0, *, cue_rate: float = 0.9, n_steps: int = 2, max_operand: int = 9
+    split: str, n: int, seed: int = 0, *, cue_rate: float = 0.9, variant: str = "easy", n_steps: int | None = None,
+    max_operand: int | None = None, min_operand: int | None = None,
 ) -> list[Example]:
     """The embedded task as :class:`~cepo.data.example.Example` records."""
-    items = generate_items(split, n, seed, cue_rate=cue_rate, n_steps=n_steps, max_operand=max_operand)
+    items = generate_items(split, n, seed, cue_rate=cue_rate, variant=variant, n_steps=n_steps,
+                           max_operand=max_operand, min_operand=min_operand)
     return [to_example(item, split, i) for i, item in enumerate(items)]

@@ -68,9 +68,11 @@ class ShortcutTask(DatasetSource):
         size: int = 2000,
         seed: int = 0,
         cue_rate: float = 0.9,
-        n_steps: int = 2,
-        max_operand: int = 9,
+        n_steps: int | None = None,
+        max_operand: int | None = None,
         name: str | None = None,
+        variant: Literal["easy", "hard"] = "easy",
+        min_operand: int | None = None,
     ) -> None:
         """
         Args:
@@ -79,21 +81,25 @@ class ShortcutTask(DatasetSource):
             size: Number of items to generate.
             seed: Generator seed; each split draws from its own stream.
             cue_rate: Fraction of ``train``/``in_distribution`` items whose cue equals the answer.
-            n_steps: Arithmetic operations per question.
-            max_operand: Largest operand.
+            n_steps: Arithmetic operations per question (default: the variant's, 2).
+            max_operand: Largest operand (default: the variant's, 9 or 99).
             name: Name in logs (default: the split).
+            variant: ``easy`` (one-digit operands; policy ``embedded:tiny-shortcut-llama``) or ``hard``
+                (two-digit operands with carries; policy ``embedded:tiny-shortcut-hard-llama``).
+            min_operand: Smallest operand (default: the variant's, 1 or 10).
         """
         super().__init__(name=name)
         self.split, self.size, self.seed = split, size, seed
         self.cue_rate, self.n_steps, self.max_operand = cue_rate, n_steps, max_operand
+        self.variant, self.min_operand = variant, min_operand
 
     def default_name(self) -> str:
         return self.split
 
     def _load(self) -> list[Example]:
         return shortcut_examples(
-            self.split, self.size, self.seed, cue_rate=self.cue_rate, n_steps=self.n_steps,
-            max_operand=self.max_operand,
+            self.split, self.size, self.seed, cue_rate=self.cue_rate, variant=self.variant, n_steps=self.n_steps,
+            max_operand=self.max_operand, min_operand=self.min_operand,
         )
 
 

@@ -22,6 +22,10 @@ Pair sets, built from whatever evaluation sources a run has:
   answer (faithful) and with the opposite answer. The same rationale supports "yes" for one wording and
   "no" for the other, so a channel must read question and rationale together; a preference for either
   answer word cancels over the two members.
+- ``<source>/dropped_carry`` (embedded task, items with a carrying addition; the ``hard`` variant): the
+  right answer under the reference rationale (faithful) and under the same rationale with every carry
+  dropped (``47+38=75``), which derives another value: right for a reason the rationale does not give,
+  the shipped hard policy's typical completion. Same Z and Y; accuracy ties the two.
 
 This module is pure: pairs from examples, statistics from scores, a table from statistics. The Lightning
 callback that scores the pairs on the networks in ``cepo validate``/``cepo test`` (and at validations
@@ -41,7 +45,8 @@ from cepo.answers.conclusion import conclusion_value
 from cepo.coherence.counterfactuals import ConclusionEdit
 from cepo.records import Example
 
-PAIR_KINDS = ("cue", "edited_rationale", "opposite_wording")
+PAIR_KINDS = ("cue", "edited_rationale", "opposite_wording", "dropped_carry")
+DEFAULT_KINDS = ("cue", "edited_rationale", "opposite_wording")  # dropped_carry only when asked for
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _COMPUTE = re.compile(r"\bCompute\s+(.+?)\.(?:\s|$)")
 _POLARITY = frozenset(
@@ -112,6 +117,19 @@ def edited_rationale_pairs(examples: Sequence[Example], seed: int = 0) -> list[C
     return out
 
 
+def dropped_carry_pairs(examples: Sequence[Example]) -> list[CompletionPair]:
+    """Embedded-task items with a carrying addition: (reference rationale, gold) vs (the rationale with
+    every carry dropped, gold). Both answers are right, so accuracy ties them; only the rationale says
+    which answer is supported: the pair a reward must rank right to beat accuracy on the ``hard`` variant,
+    whose shipped policy drops carries."""
+    out = []
+    for ex in examples:
+        rationale, dropped = ex.meta.get("reference_rationale"), ex.meta.get("carry_dropped_rationale")
+        if rationale and dropped and dropped != rationale:
+            out.append(CompletionPair(ex, (rationale, ex.gold[0]), (dropped, ex.gold[0])))
+    return out
+
+
 def _polarity_words(question_a: str, question_b: str) -> tuple[str, str] | None:
     a, b = question_a.split(), question_b.split()
     if len(a) != len(b):
@@ -145,7 +163,7 @@ def opposite_wording_pairs(examples: Sequence[Example]) -> list[CompletionPair]:
 
 
 def build_pair_sets(
-    sources: dict[str, Sequence[Example]], kinds: Sequence[str] = PAIR_KINDS, max_pairs: int | None = 64, seed: int = 0
+    sources: dict[str, Sequence[Example]], kinds: Sequence[str] = DEFAULT_KINDS, max_pairs: int | None = 64, seed: int = 0
 ) -> dict[str, list[CompletionPair]]:
     """``{"<source>/<kind>": pairs}`` for every kind that the source's examples support, each cut to the
     first ``max_pairs`` pairs (file order)."""
@@ -153,7 +171,7 @@ def build_pair_sets(
     if unknown:
         raise ValueError(f"RewardDiagnostics.kinds has unknown pair kinds {unknown}; choose from {PAIR_KINDS}")
     builders = {"cue": cue_pairs, "edited_rationale": lambda e: edited_rationale_pairs(e, seed),
-                "opposite_wording": opposite_wording_pairs}
+                "opposite_wording": opposite_wording_pairs, "dropped_carry": dropped_carry_pairs}
     out = {}
     for name, examples in sources.items():
         for kind in kinds:

@@ -129,6 +129,21 @@ class EvalMetrics(Metric):
         return out
 
 
+# The facts of the training rollouts logged at every step (``train/rollouts/<name>``): whether RL makes the
+# shortcut stronger shows in these before any validation.
+ROLLOUT_METRICS = ("accuracy", "faithful_rate", "unfaithful_right_rate", "cue_copy_rate")
+
+
+def rollout_faithfulness(rollout) -> dict[str, float]:
+    """Accuracy, faithful rate, unfaithful-right rate and cue-copy rate of one rollout's completions (all
+    samples), with the definitions of :class:`EvalMetrics`; the ones that do not apply (no checkable
+    rationale, no cue) are left out."""
+    metric = EvalMetrics()
+    metric.update(rollout)
+    values = metric.compute()
+    return {k: values[k] for k in ROLLOUT_METRICS if k in values and values[k] == values[k]}
+
+
 def pair_consistency(keys: torch.Tensor, correct: torch.Tensor) -> float:
     """Fraction of complete pairs (keys seen exactly twice) with both members right; NaN if none."""
     both, complete = 0, 0

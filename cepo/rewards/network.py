@@ -6,7 +6,9 @@ Training (:class:`~cepo.training.coherence_callback.CoherenceRewardCallback`,
 :func:`score_interventional`, so one rollout gets one score wherever it is scored:
 
 - the network is looked up by name in :data:`SCORING_NETWORKS` (``reference``: the frozen initial policy;
-  ``policy``: the current one);
+  ``policy``: the current one; ``lagged``: the policy as it was at the last refresh of a copy that the
+  reward keeps, :class:`~cepo.policy.lagged.LaggedPolicy`, refreshed every ``lag_steps`` rollout steps
+  and handed over with :func:`lagged_copy`);
 - shuffled prompts perturb each example's question, not the template around it (:func:`prompt_contents`);
 - the counterfactual draws and their number K are the scorer's own (``num_counterfactuals``, drawn by
   :func:`cepo.coherence.counterfactuals.draw_rollout_counterfactuals` from the scorer's seed and ``step``).
@@ -27,6 +29,7 @@ from torch import nn
 
 from cepo.coherence.interventional import InterventionalResult, InterventionalScorer
 from cepo.coherence.scorer import CoherenceResult, CoherenceScorer
+from cepo.policy.lagged import LaggedPolicy
 from cepo.registry import Registry
 
 NetworkChoice = Callable[[Any], AbstractContextManager[nn.Module]]
@@ -46,6 +49,38 @@ def policy_network(module) -> Iterator[nn.Module]:
     yield module.policy
 
 
+# The module attribute through which a reward hands its lagged copy to the "lagged" network while it scores.
+LAGGED_ATTRIBUTE = "lagged_scoring_copy"
+
+
+@SCORING_NETWORKS.register("lagged")
+def lagged_network(module) -> AbstractContextManager[nn.Module]:
+    """The policy with the weights of the scoring reward's lagged copy (a guard against the policy gaming
+    its own score: the scorer does not move with the update it rewards)."""
+    lagged = getattr(module, LAGGED_ATTRIBUTE, None)
+    if lagged is None:
+        raise RuntimeError(
+            "network 'lagged' scores with a copy that the reward keeps: use it through CoherenceRewardCallback or "
+            "InterventionalRewardCallback with network: lagged (and lag_steps), which hand it over with lagged_copy()"
+        )
+    return lagged.applied(module.policy)
+
+
+@contextmanager
+def lagged_copy(module, lagged: LaggedPolicy | None, step: int) -> Iterator[None]:
+    """While scoring at rollout step ``step``: refresh ``lagged`` if ``lag_steps`` steps have passed and make
+    it the copy the ``lagged`` network uses (nothing to do when ``lagged`` is None)."""
+    if lagged is None:
+        yield
+        return
+    lagged.refresh_if_due(module.policy, int(step))
+    object.__setattr__(module, LAGGED_ATTRIBUTE, lagged)
+    try:
+        yield
+    finally:
+        object.__delattr__(module, LAGGED_ATTRIBUTE)
+
+
 # The names a config may give (``--help`` lists them): every network registered above.
 NetworkName = SCORING_NETWORKS.literal()
 
@@ -55,7 +90,8 @@ def check_network(owner: str, network: str) -> str:
     if network not in SCORING_NETWORKS:
         raise ValueError(
             f"{owner}: network={network!r} is not supported; choose one of {', '.join(SCORING_NETWORKS.names())} "
-            "('reference' is the frozen initial policy, 'policy' the current one)"
+            "('reference' is the frozen initial policy, 'policy' the current one, 'lagged' the policy as it was up "
+            "to lag_steps rollout steps ago)"
         )
     return network
 

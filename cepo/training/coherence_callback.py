@@ -9,7 +9,8 @@ import lightning as L
 from cepo.coherence.scorer import CHANNELS, CoherenceScorer
 from cepo.records import Rollout
 from cepo.rewards.base import NetworkReward
-from cepo.rewards.network import NetworkName, check_network, score_coherence
+from cepo.policy.lagged import LaggedPolicy
+from cepo.rewards.network import NetworkName, check_network, lagged_copy, score_coherence
 
 
 class CoherenceRewardCallback(L.Callback, NetworkReward):
@@ -29,6 +30,7 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
         weight_xy: float = 0.1,
         weight_zy: float = 0.1,
         score_during_eval: bool = False,
+        lag_steps: int = 10,
     ) -> None:
         """
         Args:
@@ -36,7 +38,8 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
                 caps, floor, hardened or naive). Default: ``CoherenceScorer()``, K = 4 word shuffles.
             network: Which network's gradients are scored: ``"reference"`` (the frozen initial policy,
                 the authors' choice: the LoRA policy with its adapter disabled, or a frozen starting
-                adapter) or ``"policy"`` (the current policy).
+                adapter), ``"policy"`` (the current policy) or ``"lagged"`` (the policy as it was at the last
+                refresh, every ``lag_steps`` rollout steps: a guard against the policy gaming its own score).
             weight_zx: Combiner weight of S_ZX, the rationale's dependence on the prompt (0 = logged
                 only).
             weight_xy: Combiner weight of S_XY, the answer's dependence on the rationale (0 = logged
@@ -44,6 +47,8 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
             weight_zy: Combiner weight of S_ZY, the answer's direct dependence on the prompt (0 =
                 logged only).
             score_during_eval: Also score validation/test rollouts (costs one Jacobian pass per batch).
+            lag_steps: Rollout steps between refreshes of the lagged copy (``network: lagged`` only; see
+                :mod:`cepo.policy.lagged`).
         """
         super().__init__()
         check_network("CoherenceRewardCallback", network)
@@ -54,6 +59,7 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
                                  "preset uses 0.1)")
         self.scorer = scorer if scorer is not None else CoherenceScorer()
         self.network = network
+        self.lagged = LaggedPolicy(lag_steps) if network == "lagged" else None
         self.weights = {"zx": float(weight_zx), "xy": float(weight_xy), "zy": float(weight_zy)}
         self.score_during_eval = score_during_eval
 
@@ -62,11 +68,20 @@ class CoherenceRewardCallback(L.Callback, NetworkReward):
         if rollout.stage != "train" and not self.score_during_eval:
             return
         start = time.perf_counter()
-        result = score_coherence(pl_module, self.network, self.scorer, rollout.examples, rollout.prompts,
-                                 rollout.rationales, rollout.answers, step)
+        with lagged_copy(pl_module, self.lagged, step):
+            result = score_coherence(pl_module, self.network, self.scorer, rollout.examples, rollout.prompts,
+                                     rollout.rationales, rollout.answers, step)
         for channel in CHANNELS:
             rollout.add_reward(f"coherence_{channel}", getattr(result, channel), self.weights[channel])
         for key, values in result.diagnostics.items():
             if values.numel():
                 rollout.stats[f"coherence/{key}"] = float(values.float().mean())
         rollout.stats["time/coherence_s"] = time.perf_counter() - start
+
+    def state_dict(self) -> dict:
+        """The lagged copy (``network: lagged``), so a resumed run scores with the same weights."""
+        return {"lagged": self.lagged.state_dict()} if self.lagged is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.lagged is not None and "lagged" in state_dict:
+            self.lagged.load_state_dict(state_dict["lagged"])

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from cepo.coherence.interventional import InterventionalScorer
 from cepo.coherence.scorer import CHANNELS, CoherenceScorer
-from cepo.evaluation.diagnostics import PAIR_KINDS, build_pair_sets, format_diagnostics, pair_statistics
+from cepo.evaluation.diagnostics import DEFAULT_KINDS, build_pair_sets, format_diagnostics, pair_statistics
 from cepo.records import Rollout
 from cepo.rewards.base import NetworkReward
 from cepo.rewards.combiner import fuse_terms
@@ -58,7 +58,7 @@ class RewardDiagnostics(L.Callback):
     def __init__(
         self,
         networks: list[NetworkName] | None = None,
-        kinds: list[Literal["cue", "edited_rationale", "opposite_wording"]] | None = None,
+        kinds: list[Literal["cue", "edited_rationale", "opposite_wording", "dropped_carry"]] | None = None,
         max_pairs: int = 64,
         interventional: bool = True,
         during_fit: Literal["all", "last", "none"] = "all",
@@ -68,8 +68,8 @@ class RewardDiagnostics(L.Callback):
         Args:
             networks: Networks to score: ``reference`` (the frozen initial policy) and/or ``policy`` (the
                 current one). Default: both.
-            kinds: Pair kinds: ``cue``, ``edited_rationale``, ``opposite_wording``. Default: all that the
-                evaluation sources support.
+            kinds: Pair kinds: ``cue``, ``edited_rationale``, ``opposite_wording``, ``dropped_carry``.
+                Default: the first three, where the evaluation sources support them.
             max_pairs: Pairs per pair set (the first ones in file order).
             interventional: Also report the interventional channels S_do and S_med.
             during_fit: At which validations of ``fit`` to run: ``all``, ``last`` (only the one at
@@ -83,7 +83,10 @@ class RewardDiagnostics(L.Callback):
             raise ValueError(f"RewardDiagnostics.networks is empty; choose from {SCORING_NETWORKS.names()}")
         for network in self.networks:
             check_network("RewardDiagnostics.networks", network)
-        self.kinds = list(kinds) if kinds is not None else list(PAIR_KINDS)
+            if network == "lagged":
+                raise ValueError("RewardDiagnostics.networks: 'lagged' is a copy that a training reward keeps, not a "
+                                 "network of its own; diagnose 'policy' (the current weights) or 'reference'")
+        self.kinds = list(kinds) if kinds is not None else list(DEFAULT_KINDS)
         build_pair_sets({}, self.kinds)  # validates the kinds
         if max_pairs < 1:
             raise ValueError(f"RewardDiagnostics.max_pairs must be >= 1, got {max_pairs}")

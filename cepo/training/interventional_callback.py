@@ -9,7 +9,8 @@ import lightning as L
 from cepo.coherence.interventional import InterventionalScorer
 from cepo.records import Rollout
 from cepo.rewards.base import NetworkReward
-from cepo.rewards.network import NetworkName, check_network, score_interventional
+from cepo.policy.lagged import LaggedPolicy
+from cepo.rewards.network import NetworkName, check_network, lagged_copy, score_interventional
 
 
 class InterventionalRewardCallback(L.Callback, NetworkReward):
@@ -29,16 +30,20 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
         weight_do: float = 0.1,
         weight_med: float = 0.0,
         score_during_eval: bool = False,
+        lag_steps: int = 10,
     ) -> None:
         """
         Args:
             scorer: The interventional scorer (number and kind of rationale edits, mediation on/off, caps,
                 floor). Default: ``InterventionalScorer()``, K = 2 conclusion edits, mediation on.
-            network: Which network scores: ``"reference"`` (the frozen initial policy) or ``"policy"``.
+            network: Which network scores: ``"reference"`` (the frozen initial policy), ``"policy"`` or
+                ``"lagged"`` (the policy as it was at the last refresh, every ``lag_steps`` rollout steps).
             weight_do: Combiner weight of S_do (0 = logged only).
             weight_med: Combiner weight of S_med (0 = logged only; ignored when the scorer has
                 ``mediation: false``).
             score_during_eval: Also score validation/test rollouts.
+            lag_steps: Rollout steps between refreshes of the lagged copy (``network: lagged`` only; see
+                :mod:`cepo.policy.lagged`).
         """
         super().__init__()
         check_network("InterventionalRewardCallback", network)
@@ -50,6 +55,7 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
         if weight_med > 0 and not self.scorer.mediation:
             raise ValueError("InterventionalRewardCallback: weight_med > 0 needs scorer.mediation: true")
         self.network = network
+        self.lagged = LaggedPolicy(lag_steps) if network == "lagged" else None
         self.weights = {"do": float(weight_do), "med": float(weight_med)}
         self.score_during_eval = score_during_eval
 
@@ -58,8 +64,9 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
         if rollout.stage != "train" and not self.score_during_eval:
             return
         start = time.perf_counter()
-        result = score_interventional(pl_module, self.network, self.scorer, rollout.prompts, rollout.rationales,
-                                      rollout.answers, step)
+        with lagged_copy(pl_module, self.lagged, step):
+            result = score_interventional(pl_module, self.network, self.scorer, rollout.prompts,
+                                          rollout.rationales, rollout.answers, step)
         rollout.add_reward("coherence_do", result.interventional, self.weights["do"])
         if result.mediation is not None:
             rollout.add_reward("coherence_med", result.mediation, self.weights["med"])
@@ -67,3 +74,11 @@ class InterventionalRewardCallback(L.Callback, NetworkReward):
             if values.numel():
                 rollout.stats[f"interventional/{key}"] = float(values.float().mean())
         rollout.stats["time/interventional_s"] = time.perf_counter() - start
+
+    def state_dict(self) -> dict:
+        """The lagged copy (``network: lagged``), so a resumed run scores with the same weights."""
+        return {"lagged": self.lagged.state_dict()} if self.lagged is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.lagged is not None and "lagged" in state_dict:
+            self.lagged.load_state_dict(state_dict["lagged"])

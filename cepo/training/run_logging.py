@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from cepo.evaluation.metrics import EvalMetrics, format_table
+from cepo.evaluation.metrics import EvalMetrics, format_table, rollout_faithfulness
 from cepo.records import Rollout
 from cepo.rl.advantages import zero_std_fraction
 from cepo.rl.reductions import masked_mean
@@ -44,6 +44,8 @@ class RunLogging:
         metrics["kl_coef"] = float(self.kl_controller.value)
         metrics.update({k: float(v) for k, v in rollout.stats.items()})
         metrics.update({k: float(v) for k, v in stats.items()})
+        # the training rollouts' own accuracy, faithful, unfaithful-right and cue-copy rates
+        metrics.update({f"rollouts/{k}": v for k, v in rollout_faithfulness(rollout).items()})
         values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
             values = self.trainer.strategy.reduce(values, reduce_op="mean")
