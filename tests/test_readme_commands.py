@@ -89,7 +89,6 @@ PARSED = [
     "python benchmarks/trl_compare.py --steps 6 --rounds 2",
     "python benchmarks/logprob_memory.py --tokens 256 --repeats 2",
     "python benchmarks/gpu_step.py",
-    "python benchmarks/gpu_step.py --help",
     "python benchmarks/plot_grid.py --results runs/grid/results.json --out runs/grid/tradeoff.png",
     # docs/getting-started.md: training from a file (run briefly by tests/test_first_hour.py)
     "cepo fit --config configs/quickstart.yaml --config examples/own_file.yaml",
@@ -100,6 +99,13 @@ PARSED = [
     "--trainer.logger.init_args.project cepo",
     "cepo fit --config configs/quickstart.yaml --trainer.logger lightning.pytorch.loggers.MLFlowLogger "
     "--trainer.logger.init_args.tracking_uri sqlite:///mlflow.db",
+    # docs/gpu.md: the memory model and the GPU run's configuration
+    "python benchmarks/memory_model.py",
+    "python benchmarks/memory_model.py --mode bfloat16",
+    "python benchmarks/memory_model.py --breakdown 1.5B 512",
+    "python benchmarks/memory_model.py --measure --threads 1",
+    "python benchmarks/gpu_step.py --shape 1.5b --write-model FOLDER",
+    "cepo fit --config configs/quickstart.yaml --config configs/experiments/gpu_1.5b_cepo.yaml",
 ]
 # The other shell commands of the ```bash blocks: set-up steps (run by .ci/run and a fresh clone), the
 # printf that feeds the stdin example, and Jupyter. Each is checked below: extras exist, the torch pin is
@@ -114,6 +120,9 @@ SETUP = [
     "python -m pytest -q",
     "jupyter lab notebooks/analysis.ipynb",
     PREDICT_STDIN.split(" | ")[0],
+    # docs/gpu.md: the prepared GPU run (needs a GPU machine; its policy loading is tests/test_config_models.py's)
+    "bash benchmarks/gpu_run.sh --fetch-wheels",
+    "OUT=runs/gpu bash benchmarks/gpu_run.sh",
 ]
 COMMAND = re.compile(r"(?:cepo [a-z]|python -m cepo(?:\.[\w.]+)?(?: |$)|python benchmarks/).*")
 
