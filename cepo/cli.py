@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from cepo.data.datamodule import PromptDataModule
+from cepo.rewards.base import refuse_doubled_rewards
 from cepo.training.checkpoint_meta import check_checkpoint_file
 from cepo.training.checkpointing import LatestCheckpoint
 from cepo.training.export import AdapterCheckpoint, CEPOTrainer, MergedExport
@@ -123,6 +124,11 @@ class CEPOCLI(LightningCLI):
             raise cause from None
 
     def instantiate_trainer(self, **kwargs):
+        # Lightning refuses two stateful callbacks of one type with a message about state keys; two stacked
+        # reward presets are the usual cause, so say that first.
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        callbacks = config.get("trainer", {}).get("callbacks") or []
+        refuse_doubled_rewards(callbacks if isinstance(callbacks, list) else [callbacks])
         trainer = super().instantiate_trainer(**kwargs)
         # Lightning's default progress bar (the exact class; a user's own stays) -> one that counts rollouts.
         for i, callback in enumerate(trainer.callbacks):

@@ -114,3 +114,17 @@ class FormatReward(RewardFunction):
 
     def score(self, rollout: Rollout) -> Tensor:
         return (rollout.marker_found & ~rollout.truncated.cpu()).float()
+
+
+def refuse_doubled_rewards(callbacks) -> None:
+    """Refuse a callback list that holds one kind of network reward twice (two reward presets stacked):
+    its reward terms would be attached twice."""
+    kinds = [type(callback).__name__ for callback in callbacks if isinstance(callback, NetworkReward)]
+    doubled = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+    if doubled:
+        raise ValueError(
+            f"trainer.callbacks holds {', '.join(doubled)} more than once, so its reward terms would be attached "
+            "twice; each reward preset appends its own (configs/rewards/*.yaml, "
+            "configs/experiments/cepo_policy_network.yaml): use one preset, re-weight terms by name in "
+            "model.reward_weights, and change the callback's options with --trainer.callbacks.<option>"
+        )

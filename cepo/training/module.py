@@ -55,7 +55,13 @@ from cepo.policy.loading import (
 )
 from cepo.policy.logprobs import batched_logprobs, completion_logprobs, micro_batches
 from cepo.records import Rollout
-from cepo.rewards.base import AccuracyReward, NetworkReward, RewardFunction, check_reward_values
+from cepo.rewards.base import (
+    AccuracyReward,
+    NetworkReward,
+    RewardFunction,
+    check_reward_values,
+    refuse_doubled_rewards,
+)
 from cepo.rewards.combiner import fuse_terms, normalized_weights
 from cepo.rl.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, kl_penalized_rewards
 from cepo.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, k1_kl
@@ -245,15 +251,7 @@ class CEPOModule(OptionChecks, Optimisation, RunLogging, CheckpointState, Lightn
                     "cepo.NetworkReward; subclass cepo.NetworkReward and implement "
                     "score_rollout(module, rollout, step) (the old on_rollout_batch hook is no longer called)"
                 )
-        kinds = [type(reward).__name__ for reward in self.network_rewards()]
-        doubled = sorted({kind for kind in kinds if kinds.count(kind) > 1})
-        if doubled:
-            raise ValueError(
-                f"trainer.callbacks holds {', '.join(doubled)} more than once, so its reward terms would be attached "
-                "twice; each reward preset appends its own (configs/rewards/*.yaml, "
-                "configs/experiments/cepo_policy_network.yaml): use one preset, re-weight terms by name in "
-                "model.reward_weights, and change the callback's options with --trainer.callbacks.<option>"
-            )
+        refuse_doubled_rewards(self.network_rewards())
 
     def network_rewards(self) -> list[NetworkReward]:
         """The trainer's callbacks that are rewards needing the network (found by type)."""
