@@ -93,7 +93,10 @@ def test_cepo_fit_logs_channel_scores_and_trains_the_adapter(tmp_path, monkeypat
 @pytest.mark.slow
 def test_accuracy_only_preset_still_logs_the_channel_scores(tmp_path, monkeypatch):
     cli = fit(tmp_path, monkeypatch, "accuracy_only")
-    assert coherence_callback(cli).weights == {"zx": 0.0, "xy": 0.0, "zy": 0.0}
+    # The callback keeps its own defaults; the preset zeroes the channels by name in model.reward_weights.
+    assert coherence_callback(cli).weights == {"zx": 0.1, "xy": 0.1, "zy": 0.1}
+    assert dict(cli.model.reward_weights) == {"accuracy": 1.0, "coherence_zx": 0.0, "coherence_xy": 0.0,
+                                              "coherence_zy": 0.0}
     assert_channel_scores_logged(cli)
     # Channels with weight 0 are dropped from the power mean: the fused reward is the accuracy.
     assert logged(cli, "train/reward_mean") == pytest.approx(logged(cli, "train/rewards/accuracy_mean"), abs=1e-6)
