@@ -122,6 +122,7 @@ def test_every_module_the_tests_import_comes_with_the_test_extra():
     tests = ROOT / "tests"
     local = {"cepo", "tests", "conftest"} | {path.stem for path in tests.glob("*.py")}
     local |= {path.parent.name for path in tests.glob("*/__init__.py")}  # helper packages such as tests/helpers
+    local |= {path.stem for path in (ROOT / "benchmarks").glob("*.py")}  # benchmark scripts some tests import
     third_party = set()
     for path in sorted((ROOT / "tests").glob("*.py")):
         third_party |= imported_modules(path) - local - set(sys.stdlib_module_names) - {"__future__"}
