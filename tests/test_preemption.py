@@ -93,7 +93,8 @@ def test_sigterm_outside_fit_exits_143_without_writing_a_checkpoint(tmp_path):
     saved = []
     trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING), sanity_checking=False, global_step=7,
                               checkpoint_callback=None, log_dir=str(tmp_path), default_root_dir=str(tmp_path),
-                              save_checkpoint=saved.append)
+                              loggers=[], strategy=SimpleNamespace(broadcast=lambda obj: obj),
+                              save_checkpoint=lambda path, weights_only=None: saved.append(path))
     callback = LatestCheckpoint()
     sigterm = SIGTERMException()
     callback.on_exception(trainer, None, sigterm)
