@@ -69,8 +69,9 @@ class CheckpointState:
             "algorithm": self.algorithm,
             "rng": _rng_state(),
             "kl_controller": {"kind": self._kl_controller_kind(), **self.kl_controller.state_dict()},
-            "policy": policy_record(self.policy, self.policy_config),
         }
+        if self.policy is not None:  # a module saved before setup has no adapter to describe
+            checkpoint["cepo"]["policy"] = policy_record(self.policy, self.policy_config)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("cepo")
