@@ -130,6 +130,11 @@ class CEPOCLI(LightningCLI):
         callbacks = config.get("trainer", {}).get("callbacks") or []
         refuse_doubled_rewards(callbacks if isinstance(callbacks, list) else [callbacks])
         trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "predict" and any(isinstance(cb, PredictionWriter) and cb.output
+                                                for cb in trainer.callbacks):
+            # The predictions go to their own file and predict logs nothing, but Lightning opens every
+            # logger at setup, which would create an empty run folder.
+            trainer.loggers = []
         # Lightning's default progress bar (the exact class; a user's own stays) -> one that counts rollouts.
         for i, callback in enumerate(trainer.callbacks):
             if type(callback) is RichProgressBar:
@@ -225,6 +230,9 @@ def plain(value: object) -> object:
 
 def main(args: list[str] | None = None) -> CEPOCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Lightning's CLI (and the config writer beside it) passes options jsonargparse 4.49+ deprecates; the
+    # notice is about their code, not the user's config (set the variable to "all" to see them).
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     quiet_third_party()
     # The config dataclasses document each field in an attribute docstring; show them in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
