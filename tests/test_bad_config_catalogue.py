@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import runs
 
 from cepo.cli import main
 from cepo.policy.loading import resolve_model_path
@@ -81,11 +81,7 @@ def checkpoint_file(content):
 
 def adapter_with_nan(tmp_path):
     adapter = tmp_path / "nan-adapter"
-    shutil.copytree(grpo_run(tmp_path) / "adapter", adapter)
-    weights = load_file(adapter / "adapter_model.safetensors")
-    name = sorted(k for k in weights if "lora_B" in k)[0]
-    weights[name][0, 0] = float("nan")
-    save_file(weights, adapter / "adapter_model.safetensors")
+    runs.copy_adapter_with_nan(grpo_run(tmp_path) / "adapter", adapter)
     return [f"{M}policy.adapter_path", str(adapter)]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import runs
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cepo.answers.matching import answers_match, unmatchable_gold
@@ -88,11 +88,7 @@ def test_same_model_compares_the_models_name():
 
 def test_an_adapter_with_a_nan_weight_is_refused_naming_the_tensor(tmp_path, tmp_path_factory):
     adapter = tmp_path / "adapter"
-    shutil.copytree(trained_run(tmp_path_factory) / "adapter", adapter)
-    weights = load_file(adapter / "adapter_model.safetensors")
-    name = sorted(k for k in weights if "lora_B" in k)[0]
-    weights[name][0, 0] = float("nan")
-    save_file(weights, adapter / "adapter_model.safetensors")
+    name = runs.copy_adapter_with_nan(trained_run(tmp_path_factory) / "adapter", adapter)
     config = PolicyConfig(name_or_path="embedded:tiny-shortcut-llama", adapter_path=str(adapter))
     layer = re.escape(name.split("base_model.model.")[-1].rsplit(".lora_B", 1)[0])
     with pytest.raises(ValueError, match=rf"policy\.adapter_path=.*tensor '[^']*{layer}\.lora_B\.default\.weight' "

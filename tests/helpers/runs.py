@@ -30,3 +30,18 @@ def small_run_args(tmp_path: Path, *extra: str, configs: tuple[str, ...] = ()) -
         "--model.init_args.optim.lr", "0.01",
         *extra,
     ]
+
+
+def copy_adapter_with_nan(source, target):
+    """Copy the adapter folder ``source`` to ``target`` with one NaN planted in its first LoRA B matrix;
+    returns the poisoned tensor's name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = load_file(target / "adapter_model.safetensors")
+    name = sorted(k for k in weights if "lora_B" in k)[0]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, target / "adapter_model.safetensors")
+    return name
