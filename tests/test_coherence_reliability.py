@@ -143,6 +143,18 @@ def test_gpt2_sequences_past_the_position_limit_are_cut_to_fit_and_counted(char_
         CoherenceScorer(num_counterfactuals=1, context_overflow="error").score(model, char_tokenizer, *rows)
 
 
+def test_user_token_caps_are_counted_as_capped_not_truncated(char_tokenizer):
+    model = tiny_gpt2(len(char_tokenizer), positions=200)
+    long = ("Q: what is 7+5-3 given the hint: 9\n", "7+5=12; 12-3=9;", "<answer>9</answer>")
+    rows = columns([long, B])
+    x_len = len(char_tokenizer(long[1], add_special_tokens=False)["input_ids"])
+    result = CoherenceScorer(num_counterfactuals=1, max_rationale_tokens=x_len - 1).score(model, char_tokenizer, *rows)
+    assert result.diagnostics["truncated"].tolist() == [0.0, 0.0]
+    assert result.diagnostics["capped"][0] == 1.0  # its rationale lost a token
+    uncapped = CoherenceScorer(num_counterfactuals=1).score(model, char_tokenizer, *rows)
+    assert uncapped.diagnostics["capped"].tolist() == [0.0, 0.0]
+
+
 def test_rationale_and_answer_are_cut_when_the_prompt_alone_is_not_enough():
     from cepo.coherence.scorer import _fit
 

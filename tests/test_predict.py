@@ -85,6 +85,7 @@ def test_predict_from_a_file_with_and_without_gold_and_coherence(trained, tmp_pa
         got = torch.tensor([r[f"coherence_{channel}"] for r in records])
         torch.testing.assert_close(got, getattr(expected, channel), rtol=1e-5, atol=1e-6)
         assert bool(((got >= 0.005) & (got <= 1)).all())
+    assert [(r["coherence_truncated"], r["coherence_capped"]) for r in records] == [(False, False)] * len(rows)
 
 
 def test_prompt_file_reads_stdin_csv_and_text(tmp_path, monkeypatch):

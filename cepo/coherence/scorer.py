@@ -56,8 +56,9 @@ class CoherenceResult:
     ``zy_total_norm`` (``||J_ZYtot||`` before the direct-effect projection), and per-row flags (1.0 or
     0.0; their logged means are fractions of the batch): ``duplicate`` (the same texts as an earlier
     row, whose scores it shares: scored once), ``skipped_nonfinite`` (an inf or NaN in its Jacobians:
-    scored at the floor), ``truncated`` (cut to fit the model's positions) and ``content_not_found``
-    (its prompt content was not in its prompt: the whole prompt was shuffled).
+    scored at the floor), ``truncated`` (cut to fit the model's positions), ``capped`` (cut by ``max_prompt_tokens``,
+    ``max_rationale_tokens`` or ``max_answer_tokens``: its scores describe the kept tokens only) and
+    ``content_not_found`` (its prompt content was not in its prompt: the whole prompt was shuffled).
     """
 
     zx: Tensor
@@ -75,6 +76,7 @@ class _Sequence:
     x: list[int]
     y: list[int]
     truncated: bool = False  # cut to fit the model's positions
+    capped: bool = False  # cut by a user-set token cap
 
     def __len__(self) -> int:
         return len(self.z) + len(self.x) + len(self.y) + 2
@@ -290,6 +292,7 @@ class CoherenceScorer:
         limit = position_limit(model)
         sequences = self._sequences(tokenizer, u_prompts, u_rationales, u_answers, cf_prompts, cf_rationales, limit, rows)
         truncated = {seq.rollout for seq in sequences if seq.truncated}
+        capped = {seq.rollout for seq in sequences if seq.capped}
         n_z_cf = len(cf_prompts[0]) if cf_prompts else 0
         n_x_cf = len(cf_rationales[0]) if cf_rationales else 0
 
@@ -319,7 +322,8 @@ class CoherenceScorer:
             )
 
         result = {key: torch.stack([r[key] for r in per_rollout]).float().cpu() for key in per_rollout[0]}
-        flags = {"skipped_nonfinite": set(nonfinite), "truncated": truncated, "content_not_found": not_found}
+        flags = {"skipped_nonfinite": set(nonfinite), "truncated": truncated, "capped": capped,
+                 "content_not_found": not_found}
         for name, marked in flags.items():
             result[name] = torch.tensor([float(u in marked) for u in range(len(rows))])
         index = torch.tensor(inverse, dtype=torch.long)
@@ -369,12 +373,16 @@ class CoherenceScorer:
             return _keep_last(ids[text], self.max_rationale_tokens)
 
         def y(text):
-            ids_y = ids[text]
-            return ids_y if self.max_answer_tokens is None else ids_y[: self.max_answer_tokens]
+            return list(ids[text][: self.max_answer_tokens])
+
+        def was_capped(texts: tuple[str, str, str], kept: tuple[list, list, list]) -> bool:
+            return any(len(ids[t]) > len(k) for t, k in zip(texts, kept))
 
         out = []
 
-        def add(i, kind, k, zi, xi, yi):
+        def add(i, kind, k, texts):
+            zi, xi, yi = z(texts[0]), x(texts[1]), y(texts[2])
+            capped = was_capped(texts, (zi, xi, yi))
             cut = limit is not None and len(zi) + len(xi) + len(yi) + 2 > limit
             if cut:
                 if self.context_overflow == "error":
@@ -386,15 +394,15 @@ class CoherenceScorer:
                         "context_overflow='truncate'"
                     )
                 zi, xi, yi = _fit(zi, xi, yi, limit)
-            out.append(_Sequence(i, kind, k, zi, xi, yi, cut))
+            out.append(_Sequence(i, kind, k, zi, xi, yi, cut, capped))
 
         for i in range(len(prompts)):
-            zi, xi, yi = z(prompts[i]), x(rationales[i]), y(answers[i])
-            add(i, _BASE, 0, zi, xi, yi)
+            base = (prompts[i], rationales[i], answers[i])
+            add(i, _BASE, 0, base)
             for k, text in enumerate(cf_prompts[i] if cf_prompts else []):
-                add(i, _PROMPT_CF, k, z(text), xi, yi)
+                add(i, _PROMPT_CF, k, (text, base[1], base[2]))
             for k, text in enumerate(cf_rationales[i] if cf_rationales else []):
-                add(i, _RATIONALE_CF, k, zi, x(text), yi)
+                add(i, _RATIONALE_CF, k, (base[0], text, base[2]))
         return out
 
     # ------------------------------------------------------------------ the gradient pass

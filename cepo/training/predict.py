@@ -60,9 +60,13 @@ def prediction_records(rollout: Rollout, dataset: str, coherence: dict[str, torc
             ))
         for channel, values in (coherence or {}).items():
             value = float(values[i])
-            record[f"coherence_{channel}"] = bool(value) if channel == "truncated" else value
+            record[f"coherence_{channel}"] = bool(value) if channel in _FLAGS else value
         records.append(record)
     return records
+
+
+# the scorer's per-row flags that go into each prediction record, as true/false
+_FLAGS = ("truncated", "capped")
 
 
 class PredictionBatch:
@@ -143,7 +147,8 @@ class PredictionWriter(Callback):
         result = score_coherence(pl_module, callback.network, callback.scorer, rollout.examples, rollout.prompts,
                                  rollout.rationales, rollout.answers, pl_module.rollout_step)
         scores = {channel: getattr(result, channel) for channel in CHANNELS}
-        scores["truncated"] = result.diagnostics.get("truncated", torch.zeros(len(rollout)))
+        for flag in _FLAGS:
+            scores[flag] = result.diagnostics.get(flag, torch.zeros(len(rollout)))
         return scores
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
