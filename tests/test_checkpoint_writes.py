@@ -108,6 +108,36 @@ def test_atomic_folder_replaces_a_folder_whole_on_either_swap(tmp_path, monkeypa
         assert siblings(target) == ["adapter"]
 
 
+def test_leftovers_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead, alive, host = int(finished.stdout), os.getppid(), socket.gethostname()
+    for name in ("last.ckpt", "adapter"):
+        target = tmp_path / name
+        killed = tmp_path / f".{name}.{host}-{dead}.abc123.tmp"
+        killed_folder = tmp_path / f".{name}.{host}-{dead}.def456.partial"
+        running = tmp_path / f".{name}.{host}-{alive}.ghi789.partial"
+        other_host = tmp_path / f".{name}.elsewhere-{dead}.jkl012.tmp"
+        other_target = tmp_path / f".other.{host}-{dead}.mno345.tmp"
+        killed.write_text("half a checkpoint")
+        killed_folder.mkdir()
+        (killed_folder / "adapter_model.safetensors").write_text("half")
+        for kept in (running, other_host, other_target):
+            kept.mkdir() if kept.suffix == ".partial" else kept.write_text("kept")
+        if name == "adapter":
+            with atomic_folder(target) as staging:
+                (staging / "weights").write_text("1")
+        else:
+            atomic_save({"step": 1}, target)
+        assert target.exists()
+        assert not killed.exists() and not killed_folder.exists()
+        assert running.exists() and other_host.exists() and other_target.exists()
+
+
 @pytest.fixture(scope="module")
 def module():
     grpo = GRPO(policy=PolicyConfig(name_or_path="embedded:tiny-shortcut-llama"))

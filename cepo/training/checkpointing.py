@@ -8,15 +8,22 @@ half-written one.
   ``/tmp`` and a shared checkpoint disk) the move is a copy, and a kill mid-copy truncates the target.
 * :func:`atomic_folder` does the same for folders (LoRA adapters, merged exports): they are written to a
   temporary sibling folder and swapped in with a rename.
+
+A temporary name carries the writer's host and process id (``.<name>.<host>-<pid>.<random>.tmp`` or
+``.partial``). A ``SIGKILL`` or a power cut leaves it behind; the next write of the same target removes
+the leftovers of writers on this host that are no longer running, and logs how many it removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +37,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cepo.training.loggers import run_dir
+
+logger = logging.getLogger(__name__)
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 """143: the status a shell reports for a process ended by SIGTERM, which schedulers read as "terminated"."""
@@ -55,13 +64,53 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: the process exists under another user
+        return True
+    return True
+
+
+def remove_stale_staging(target: Path) -> int:
+    """Remove the temporary files and folders that writers of ``target`` on this host left when they were
+    killed before finishing (their process is gone); returns how many. Leftovers of a running writer, or
+    of another host (a shared disk), are kept."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?P<host>.+)-(?P<pid>\d+)\.[^.]+\.(?:tmp|partial)$")
+    host, removed = socket.gethostname(), 0
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return 0
+    for sibling in siblings:
+        found = pattern.match(sibling.name)
+        if found is None or found["host"] != host or _running(int(found["pid"])):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                sibling.unlink()
+        removed += 1
+    if removed:
+        logger.info("removed %d unfinished write(s) of %s left by a killed process", removed, target)
+    return removed
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` as one step: written to a temporary file beside ``path`` (same folder, so
     the same filesystem, whatever ``TMPDIR`` says), fsynced, then renamed over ``path`` with
     ``os.replace``. A kill at any point leaves the previous file or the new one, complete."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    remove_stale_staging(target)
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=_staging_prefix(target), suffix=".tmp")
     try:
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 -> what a plain open() would give
         with os.fdopen(fd, "wb") as handle:
@@ -99,7 +148,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """Write a folder as one step: yields a temporary sibling folder (``.<name>.<random>.partial``) to
+    """Write a folder as one step: yields a temporary sibling folder (``.<name>.<host>-<pid>.<random>.partial``) to
     write into; on success its files are fsynced and it is swapped in for ``path``, and the previous
     folder is deleted; on an error it is deleted and ``path`` is left as it was.
 
@@ -109,7 +158,8 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=_staging_prefix(target), suffix=".partial"))
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 -> what a plain mkdir would give
         yield staging
