@@ -1,13 +1,22 @@
-"""Peak memory of the update's log-prob pass (forward + entropy + backward) at a real vocabulary size.
+"""Peak memory of a log-prob pass with gradients at a real vocabulary size.
 
-Compares the full-logits computation (the head on every completion position of the micro-batch at once,
-then log-softmax and entropy over the whole ``(batch, T, vocab)`` float32 tensor) with cepo's chunked
-pass (:func:`cepo.policy.logprobs.completion_logprobs`). Each variant runs in its own process, alternately,
-and reports its peak resident memory above the resident memory just before the pass, in units of one
-float32 logits tensor of the micro-batch. CPU is enough: the quantity is allocation, not speed.
+``--pass update`` (default): the update's pass (forward + entropy + backward). Compares the full-logits
+computation (the head on every completion position of the micro-batch at once, then log-softmax and
+entropy over the whole ``(batch, T, vocab)`` float32 tensor) with cepo's chunked pass
+(:func:`cepo.policy.logprobs.completion_logprobs`).
+
+``--pass scorer``: the coherence scorer's pass (one forward over ``[Z] <eos> [X] <eos> [Y]`` and the two
+VJPs of l_X and l_Y with respect to the input embeddings). Compares the head on every scored position at
+once with the head in checkpointed chunks (:func:`cepo.policy.logprobs.token_logprobs`, what the scorer
+runs).
+
+Each variant runs in its own process, alternately, and reports its peak resident memory above the resident
+memory just before the pass, in units of one float32 logits tensor of the scored tokens. CPU is enough:
+the quantity is allocation, not speed.
 
     python benchmarks/logprob_memory.py                       # vocab 151,936 (Qwen2.5), 4 x 128 tokens
     python benchmarks/logprob_memory.py --batch 8 --tokens 256 --repeats 2
+    python benchmarks/logprob_memory.py --pass scorer --batch 4 --tokens 256 --repeats 2
 """
 
 from __future__ import annotations
@@ -63,16 +72,33 @@ def child(args) -> None:
         logp, entropy, _ = completion_logprobs(model, prompt, ones_p, completion, ones_c, with_entropy=True)
         return logp, entropy
 
-    run = {"full": full, "chunked": chunked}[args.child]
-    run()  # warm-up: allocator pools, lazy initialisation
+    def update(variant):
+        logp, _ = {"full": full, "chunked": chunked}[variant]()
+        (logp * advantages).sum().backward()
+        return float(logp.sum())
+
+    def scorer(variant):
+        import cepo.policy.logprobs as logprobs
+        from cepo.coherence.scorer import _BASE, CoherenceScorer, _Sequence
+
+        if variant == "full":  # one chunk holding every scored position: the head at once, not checkpointed
+            logprobs.chunk_tokens_for = lambda *_, **__: 1 << 40
+        x_len = args.tokens - 16  # the rationale; a 16-token answer
+        batch = [_Sequence(b, _BASE, 0, prompt[b].tolist(), completion[b, :x_len].tolist(),
+                           completion[b, x_len:].tolist()) for b in range(args.batch)]
+        with torch.enable_grad():
+            G_X, G_Y = CoherenceScorer()._gradients(model, batch, eos=1, pad=0)
+        return float(G_X.abs().sum() + G_Y.abs().sum())
+
+    run = update if args.pass_ == "update" else scorer
+    run(args.child)  # warm-up: allocator pools, lazy initialisation
     model.zero_grad(set_to_none=True)
     before = rss_mb()
     start = time.perf_counter()
-    logp, entropy = run()
-    (logp * advantages).sum().backward()
+    checksum = run(args.child)
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
-    print(json.dumps({"before_mb": before, "peak_mb": peak, "seconds": seconds, "checksum": float(logp.sum())}))
+    print(json.dumps({"before_mb": before, "peak_mb": peak, "seconds": seconds, "checksum": checksum}))
 
 
 def main() -> None:
@@ -83,6 +109,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="completion tokens per row")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pass", dest="pass_", choices=["update", "scorer"], default="update",
+                        help="the update's log-prob pass, or the coherence scorer's forward and two VJPs")
     parser.add_argument("--child", choices=["full", "chunked"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,7 +120,7 @@ def main() -> None:
     logits_mb = args.batch * args.tokens * args.vocab * 4 / 2**20
     print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]))
     print(f"load: {os.getloadavg()[0]:.2f} (1-min), threads {args.threads}, torch {torch.__version__}")
-    print(f"vocab {args.vocab}, {args.batch} x {args.tokens} completion tokens: one float32 logits tensor "
+    print(f"{args.pass_} pass, vocab {args.vocab}, {args.batch} x {args.tokens} completion tokens: one float32 logits tensor "
           f"= {logits_mb:.0f} MB")
     results: dict[str, list[float]] = {"full": [], "chunked": []}
     seconds: dict[str, list[float]] = {"full": [], "chunked": []}
@@ -110,7 +138,8 @@ def main() -> None:
     for variant, values in results.items():
         peak = max(values)
         print(f"{variant:<10}{peak:>24.0f}{peak / logits_mb:>18.2f}{min(seconds[variant]):>16.2f}")
-    print(f"sum of log-probs: full {checksums['full']:.4f}, chunked {checksums['chunked']:.4f}")
+    what = "sum of log-probs" if args.pass_ == "update" else "sum of |gradients|"
+    print(f"{what}: full {checksums['full']:.4f}, chunked {checksums['chunked']:.4f}")
 
 
 if __name__ == "__main__":

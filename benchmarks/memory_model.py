@@ -27,8 +27,8 @@ LoRA parameter):
                t L h 4, and one layer recomputed and differentiated, 2 t a_r
     coherence  (float32, autocast off, s = ``scorer.micro_batch_size`` sequences of T = Z + C + 2 tokens
                per pass, one forward and two VJPs) saved activations s T L a_0 and one layer's
-               gradients s T a_0; the embedding leaf and its two gradients, 3 s T h 4; float32 logits
-               at the s C scored positions, kept for both VJPs plus the backward's softmax, 3 s C V 4;
+               gradients s T a_0; the embedding leaf and its two gradients, 3 s T h 4; 3 chunks of
+               float32 logits at the s C scored positions (the head is checkpointed per chunk);
                the gradient rows each of the chunk's s rollouts keeps, s (1 + K)(2Z + C - Y) h 4. With
                ``scorer.activation_checkpointing``: layer inputs s T L h 4 and 2 s T a_0
 
@@ -156,6 +156,11 @@ def resident(shape: Shape, step: Step) -> dict[str, int]:
             "lora + AdamW": 16 * lora_parameters(shape, step.lora_rank)}
 
 
+def logits_chunk_bytes(tokens: int, vocab: int) -> int:
+    """One chunk of float32 logits of a pass over ``tokens`` positions (cepo.policy.logprobs)."""
+    return min(tokens, max(1, LOGITS_CHUNK // vocab)) * vocab * 4
+
+
 def phases(shape: Shape, step: Step) -> dict[str, int]:
     """Bytes each phase holds above :func:`resident` at its peak."""
     L, h, kv, V = shape.layers, shape.hidden, shape.kv, shape.vocab
@@ -167,7 +172,7 @@ def phases(shape: Shape, step: Step) -> dict[str, int]:
     m = min(step.update_micro_batch, rows)
     out = {}
     out["generate"] = 2 * L * kv * (Z + C) * rows * b + rows * Z * a0 + 3 * rows * V * 4
-    chunk = min(m * C, max(1, LOGITS_CHUNK // V)) * V * 4  # one chunk of float32 logits
+    chunk = logits_chunk_bytes(m * C, V)
     out["reference"] = 2 * L * kv * Z * m * b + m * C * a0 + 2 * chunk
     casts = 2 * (linear_parameters(shape) + lora_parameters(shape, step.lora_rank) // L) if step.mode == "bf16-mixed" else 0
     if step.gradient_checkpointing:
@@ -193,7 +198,8 @@ def coherence_terms(shape: Shape, step: Step) -> dict[str, int]:
     eb = act_element_bytes(scorer_mode)
     saved = s * T * (L * h * eb + 2 * a0s) if step.scorer_checkpointing else s * T * (L + 1) * a0s
     return {"activations": saved, "embedding leaf + 2 gradients": 3 * s * T * h * 4,
-            "logits at scored positions": 3 * s * C * V * 4, "rows kept per rollout": s * (1 + K) * (2 * Z + C - Y) * h * 4}
+            "logits at scored positions": 3 * logits_chunk_bytes(s * C, V),
+            "rows kept per rollout": s * (1 + K) * (2 * Z + C - Y) * h * 4}
 
 
 def peak(shape: Shape, step: Step) -> int:

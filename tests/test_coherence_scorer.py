@@ -46,7 +46,16 @@ def assert_matches_reference(result, model, tok, cf_p, cf_x, **kw):
                 assert float(result.diagnostics[f"{c}_shape"][i]) == pytest.approx(ref[c]["shape"], abs=1e-5)
 
 
-def test_batched_scorer_matches_the_per_sample_reference(tiny_llama, char_tokenizer):
+@pytest.fixture(params=["head at once", "head in chunks of 2 positions"])
+def head_chunks(request, monkeypatch):
+    """Both ways the LM head can run over the scored positions: at once (a small vocabulary fits one chunk)
+    and in checkpointed chunks (what a real vocabulary gets), which must give the same scores."""
+    if request.param != "head at once":
+        monkeypatch.setattr("cepo.policy.logprobs.chunk_tokens_for", lambda *args, **kwargs: 2)
+    return request.param
+
+
+def test_batched_scorer_matches_the_per_sample_reference(tiny_llama, char_tokenizer, head_chunks):
     cf_p, cf_x = explicit_counterfactuals()
     result = CoherenceScorer(micro_batch_size=4, num_counterfactuals=2).score(
         tiny_llama, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, cf_p, cf_x

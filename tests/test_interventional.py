@@ -48,7 +48,10 @@ def reference_terms(model, tok, z, x, y):
     return float(lp.detach()), float(energy[: len(zi)].sum()), float(energy[len(zi) + 1 : len(zi) + 1 + len(xi)].sum())
 
 
-def test_scores_match_the_per_sequence_reference(tiny_llama, char_tokenizer):
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_scores_match_the_per_sequence_reference(tiny_llama, char_tokenizer, chunk, monkeypatch):
+    if chunk:  # the LM head in checkpointed chunks of 2 positions, as a real vocabulary gets
+        monkeypatch.setattr("cepo.policy.logprobs.chunk_tokens_for", lambda *args, **kwargs: chunk)
     edits = [["7+5=12; 12-3=8;", "7+5=12; 12-3=11;"], ["1+2=5;", "1+2=4;"], ["", ""], ["4-1=2;", "4-1=6;"]]
     result = InterventionalScorer(micro_batch_size=3).score(
         tiny_llama, char_tokenizer, PROMPTS, RATIONALES, ANSWERS, edited_rationales=edits

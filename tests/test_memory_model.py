@@ -99,6 +99,11 @@ def test_coherence_phase_by_hand():
     assert mm.phases(shape, step)["coherence"] == saved + leaf + logits + kept
     checkpointed = mm.phases(shape, replace(step, scorer_checkpointing=True))["coherence"]
     assert checkpointed == 2 * 10 * (2 * 8 * 4 + 2 * 368) + leaf + logits + kept
+    # At a real vocabulary the head runs in checkpointed chunks of 2^24 logits: three of them, not s C V.
+    big = replace(shape, vocab=151_936)
+    chunk = (mm.LOGITS_CHUNK // 151_936) * 151_936 * 4
+    long = replace(step, completion=512)
+    assert mm.coherence_terms(big, long)["logits at scored positions"] == 3 * chunk < 3 * 2 * 512 * 151_936 * 4
 
 
 def test_the_table_grows_with_the_card_and_with_checkpointing():

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from cepo.answers.conclusion import conclusion_span, conclusion_value  # noqa: F401 - re-exported
 from cepo.coherence.counterfactuals import ConclusionEdit, Counterfactual, draw_rollout_counterfactuals
-from cepo.policy.forward import autocast_off, backbone_and_head, gather_logprobs
+from cepo.policy.forward import autocast_off, backbone_and_head
+from cepo.policy.logprobs import token_logprobs
 from cepo.policy.passes import scoring_mode, unwrap_ddp
 
 
@@ -227,7 +228,7 @@ class InterventionalScorer:
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             rows_t = torch.tensor(rows, dtype=torch.long, device=E.device)
             pos_t = torch.tensor(pos, dtype=torch.long, device=E.device)
-            logp = gather_logprobs(head(hidden[rows_t, pos_t - 1]), ids[rows_t, pos_t])
+            logp, _ = token_logprobs(head, hidden[rows_t, pos_t - 1], ids[rows_t, pos_t])
         return out_lp.index_add(0, rows_t, logp.float())
 
     def _answer_logprobs(self, model, triples, eos, pad) -> Tensor:

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from cepo.coherence import math as cm
 from cepo.coherence.counterfactuals import Counterfactual, WordShuffle, draw_rollout_counterfactuals
 from cepo.policy.cache import PrefixCache
-from cepo.policy.forward import autocast_off, backbone_and_head, gather_logprobs, position_ids_from_mask
+from cepo.policy.forward import autocast_off, backbone_and_head, position_ids_from_mask
+from cepo.policy.logprobs import token_logprobs
 from cepo.policy.passes import (
     checkpointed_layers,
     embedding_leaf,
@@ -512,14 +513,22 @@ class CoherenceScorer:
         with autocast_off(device):
             out = decoder(inputs_embeds=E, attention_mask=mask, position_ids=position_ids, **kwargs)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            # The hidden state at t-1 scores token t; the head runs on these positions alone.
-            logp = gather_logprobs(head(hidden[rows_t, pos_t - 1]), ids[rows_t, pos_t])  # (n_scored,)
+
+            def l_sum(which: Tensor) -> Tensor:
+                """Summed log-probs of the scored tokens in ``which`` (the hidden state at t-1 scores token t).
+                The head runs on these positions alone, a checkpointed chunk at a time, so no (n, vocab)
+                logits are kept, and each VJP below recomputes only its own tokens' chunks."""
+                rows, pos = rows_t[which], pos_t[which]
+                return token_logprobs(head, hidden[rows, pos - 1], ids[rows, pos])[0].sum()
+
+            l_x = l_sum(~is_y_t) if need_x and has_x else None
+            l_y = l_sum(is_y_t) if has_y else None
         # Rows are independent sequences, so the gradient of a sum over rows is each row's own gradient.
-        if need_x and has_x:
-            G_X = torch.autograd.grad(logp[~is_y_t].sum(), E, retain_graph=has_y)[0].float()
-        if not has_y:
+        if l_x is not None:
+            G_X = torch.autograd.grad(l_x, E, retain_graph=l_y is not None)[0].float()
+        if l_y is None:
             return G_X, torch.zeros_like(E, dtype=torch.float32)
-        return G_X, torch.autograd.grad(logp[is_y_t].sum(), E)[0].float()
+        return G_X, torch.autograd.grad(l_y, E)[0].float()
 
     def _rationale_rows(self, model, seqs: list[_Sequence], eos: int, pad: int, size: int) -> list[Tensor]:
         """``J_XY^(k)`` of each shuffled-rationale sequence: G_Y at its X~ rows, ``(|X~|, d)`` float32.
