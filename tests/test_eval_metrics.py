@@ -88,8 +88,8 @@ def test_accuracy_format_truncation_and_length():
     assert result["truncation_rate"] == pytest.approx(0.25)
     assert result["mean_length"] == pytest.approx(5.0)  # tokens under the completion mask
     # Nothing here has a checkable rationale, a cue, a CLadder tag, a pair or coherence scores.
-    for key in ("faithful_rate", "unfaithful_right_rate", "cue_copy_rate", "correlation_accuracy",
-                "pair_consistency", "coherence_zx"):
+    for key in ("faithful_rate", "unfaithful_right_rate", "rationale_accuracy", "cue_copy_rate",
+                "correlation_accuracy", "pair_consistency", "coherence_zx"):
         assert key not in result
 
 
@@ -110,6 +110,9 @@ def test_faithfulness_counts_right_but_unfaithful_and_ignores_uncheckable_ration
     assert result["accuracy"] == pytest.approx(3 / 5)
     assert result["faithful_rate"] == pytest.approx(1 / 3)
     assert result["unfaithful_right_rate"] == pytest.approx(1 / 2)
+    # The rationale's own conclusion against the gold, whatever was answered: 3, 2 and 6 right, 5 wrong
+    # (the fifth row counts here: its rationale is checkable even though its answer is not).
+    assert result["rationale_accuracy"] == pytest.approx(3 / 4)
 
 
 def test_cue_copy_rate_counts_only_examples_with_a_cue():
@@ -275,5 +278,6 @@ def test_rollout_faithfulness_of_training_rollouts_by_hand():
     assert values["faithful_rate"] == pytest.approx(2 / 3)  # among the three checkable rationales
     assert values["unfaithful_right_rate"] == 0.5  # right and checkable: rows 1 and 2; row 1 is unfaithful
     assert values["cue_copy_rate"] == 0.75
+    assert values["rationale_accuracy"] == pytest.approx(1 / 3)  # only row 2's rationale reaches 85
     # no cue and no checkable rationale: only accuracy is reported
     assert rollout_faithfulness(make_rollout([number_example(3)], ["3"])) == {"accuracy": 1.0}

@@ -37,6 +37,8 @@ import yaml
 
 DEFAULT_GRID = "configs/experiments/grid.yaml"
 SPLITS = ("in_distribution", "flipped", "edited")
+# What is read from each validation and test result line, per dataset.
+RESULT_KEYS = ("accuracy", "faithful_rate", "cue_copy_rate", "unfaithful_right_rate", "rationale_accuracy")
 # Training curves summarised over the last quarter of the steps.
 TRAIN_TAGS = {
     "reward": "train/reward_mean",
@@ -50,9 +52,11 @@ TRAIN_TAGS = {
     "rollouts_faithful": "train/rollouts/faithful_rate",
     "rollouts_unfaithful_right": "train/rollouts/unfaithful_right_rate",
     "rollouts_cue_copy": "train/rollouts/cue_copy_rate",
+    "rollouts_rationale_accuracy": "train/rollouts/rationale_accuracy",
 }
 # Curves also summarised over the first quarter of the steps, so early and late can be compared.
-EARLY_TAGS = ("rollouts_accuracy", "rollouts_faithful", "rollouts_unfaithful_right", "rollouts_cue_copy")
+EARLY_TAGS = ("rollouts_accuracy", "rollouts_faithful", "rollouts_unfaithful_right", "rollouts_cue_copy",
+              "rollouts_rationale_accuracy")
 DIAGNOSTIC_CHANNELS = ("xy", "zy", "do", "fused", "fused_same_accuracy")
 
 
@@ -245,11 +249,11 @@ def run_metrics(run_dir: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     for row in _last_lines(run_dir / "val_results.jsonl"):
         split = row["dataset"]
-        for key in ("accuracy", "faithful_rate", "cue_copy_rate", "unfaithful_right_rate"):
+        for key in RESULT_KEYS:
             if key in row and row[key] is not None:
                 out[f"{split}/{key}"] = row[key]
     for row in _last_lines(run_dir / "test_results.jsonl"):
-        for key in ("accuracy", "faithful_rate", "cue_copy_rate", "unfaithful_right_rate"):
+        for key in RESULT_KEYS:
             if key in row and row[key] is not None:
                 out[f"test/{row['dataset']}/{key}"] = row[key]
     for row in _last_lines(run_dir / "val_diagnostics.jsonl"):
@@ -369,6 +373,8 @@ TEST_COLUMNS = [
     ("acc edited", "test/edited/accuracy"), ("faithful ID", "test/in_distribution/faithful_rate"),
     ("faithful flipped", "test/flipped/faithful_rate"), ("faithful edited", "test/edited/faithful_rate"),
     ("unfaithful-right ID", "test/in_distribution/unfaithful_right_rate"),
+    ("rationale right ID", "test/in_distribution/rationale_accuracy"),
+    ("rationale right flipped", "test/flipped/rationale_accuracy"),
     ("cue copy ID", "test/in_distribution/cue_copy_rate"), ("cue copy flipped", "test/flipped/cue_copy_rate"),
     ("cue copy edited", "test/edited/cue_copy_rate"),
 ]
@@ -378,6 +384,8 @@ ROLLOUT_COLUMNS = [
     ("unfaithful-right, last quarter", "train/rollouts_unfaithful_right"),
     ("faithful, first quarter", "train_early/rollouts_faithful"), ("faithful, last quarter", "train/rollouts_faithful"),
     ("cue copy, first quarter", "train_early/rollouts_cue_copy"), ("cue copy, last quarter", "train/rollouts_cue_copy"),
+    ("rationale right, first quarter", "train_early/rollouts_rationale_accuracy"),
+    ("rationale right, last quarter", "train/rollouts_rationale_accuracy"),
 ]
 
 
