@@ -31,3 +31,17 @@ def test_gpu_step_tiny_runs_every_phase_and_the_micro_batch_probe(tmp_path):
     assert report["largest_micro_batch"] == 8 and report["probe_limit"] == "--max-probe 8 reached"
     assert "largest coherence micro-batch that fits: 8 (--max-probe 8 reached)" in result.stdout
     assert report["segment_tokens"]["answer"] >= 1 and report["segment_tokens"]["prompt"] == 16 + 6
+
+
+@pytest.mark.parametrize("which", ["update", "scorer"])
+def test_logprob_memory_compares_full_and_chunked_passes_with_equal_results(which):
+    """At a vocabulary where 2 x 300 scored tokens take two chunks, both variants run in their own
+    process and give the same log-probs (update) or gradients (scorer)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "logprob_memory.py"), "--pass", which,
+                             "--vocab", "40000", "--hidden", "16", "--batch", "2", "--tokens", "300"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    full, chunked = (float(part.split()[-1]) for part in last.split(":", 1)[1].split(","))
+    assert full == pytest.approx(chunked, rel=1e-5) and full != 0, last

@@ -88,6 +88,7 @@ PARSED = [
     "python benchmarks/scaling.py --memory-only",
     "python benchmarks/trl_compare.py --steps 6 --rounds 2",
     "python benchmarks/logprob_memory.py --tokens 256 --repeats 2",
+    "python benchmarks/logprob_memory.py --pass scorer --batch 4 --tokens 256 --repeats 2",
     "python benchmarks/gpu_step.py",
     "python benchmarks/plot_grid.py --results runs/grid/results.json --out runs/grid/tradeoff.png",
     # docs/getting-started.md: training from a file (run briefly by tests/test_first_hour.py)
