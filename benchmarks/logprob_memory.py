@@ -120,8 +120,8 @@ def main() -> None:
     logits_mb = args.batch * args.tokens * args.vocab * 4 / 2**20
     print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]))
     print(f"load: {os.getloadavg()[0]:.2f} (1-min), threads {args.threads}, torch {torch.__version__}")
-    print(f"{args.pass_} pass, vocab {args.vocab}, {args.batch} x {args.tokens} completion tokens: one float32 logits tensor "
-          f"= {logits_mb:.0f} MB")
+    print(f"{args.pass_} pass, vocab {args.vocab}, {args.batch} x {args.tokens} completion tokens: "
+          f"one float32 logits tensor = {logits_mb:.0f} MB")
     results: dict[str, list[float]] = {"full": [], "chunked": []}
     seconds: dict[str, list[float]] = {"full": [], "chunked": []}
     checksums = {}

@@ -57,9 +57,10 @@ class CoherenceResult:
     ``zy_total_norm`` (``||J_ZYtot||`` before the direct-effect projection), and per-row flags (1.0 or
     0.0; their logged means are fractions of the batch): ``duplicate`` (the same texts as an earlier
     row, whose scores it shares: scored once), ``skipped_nonfinite`` (an inf or NaN in its Jacobians:
-    scored at the floor), ``truncated`` (cut to fit the model's positions), ``capped`` (cut by ``max_prompt_tokens``,
-    ``max_rationale_tokens`` or ``max_answer_tokens``: its scores describe the kept tokens only) and
-    ``content_not_found`` (its prompt content was not in its prompt: the whole prompt was shuffled).
+    scored at the floor), ``truncated`` (cut to fit the model's positions), ``capped`` (cut by
+    ``max_prompt_tokens``, ``max_rationale_tokens`` or ``max_answer_tokens``: its scores describe the kept
+    tokens only) and ``content_not_found`` (its prompt content was not in its prompt: the whole prompt was
+    shuffled).
     """
 
     zx: Tensor

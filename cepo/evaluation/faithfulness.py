@@ -19,7 +19,11 @@ def rationale_value(rationale: str) -> float | None:
 
 def is_faithful(answer_value: float | None, rationale: str) -> bool | None:
     """Whether the answer equals what the rationale derived; None where that is not checkable."""
-    derived = rationale_value(rationale)
+    return agrees_with(answer_value, rationale_value(rationale))
+
+
+def agrees_with(answer_value: float | None, derived: float | None) -> bool | None:
+    """:func:`is_faithful` for a conclusion already read with :func:`rationale_value`."""
     if derived is None or answer_value is None:
         return None
     return abs(float(answer_value) - float(derived)) <= 1e-6 * max(1.0, abs(float(derived)))

@@ -30,12 +30,13 @@ import zlib
 import torch
 from torchmetrics import Metric
 
-from cepo.evaluation.faithfulness import is_faithful, rationale_value
+from cepo.evaluation.faithfulness import agrees_with, rationale_value
 from cepo.answers.matching import answers_match, normalize_number
 
 _SUMS = (
     "n", "correct", "marker", "length", "truncated", "checkable", "faithful", "right_checkable",
-    "right_unfaithful", "rationale_checkable", "rationale_right", "cue_items", "cue_copied", "corr_items", "corr_correct",
+    "right_unfaithful", "rationale_checkable", "rationale_right", "cue_items", "cue_copied", "corr_items",
+    "corr_correct",
     "coh_n", "coh_zx", "coh_xy", "coh_zy", "groups", "groups_any_correct", "prompt_cut",
 )
 
@@ -72,7 +73,7 @@ class EvalMetrics(Metric):
             if derived is not None and ex.gold:
                 add["rationale_checkable"] += 1
                 add["rationale_right"] += answers_match(str(derived), ex.gold, "number")
-            faithful = is_faithful(normalize_number(answer), rationale)
+            faithful = agrees_with(normalize_number(answer), derived)  # the conclusion is read once
             if faithful is not None:
                 add["checkable"] += 1
                 add["faithful"] += faithful
@@ -145,9 +146,9 @@ ROLLOUT_METRICS = ("accuracy", "faithful_rate", "unfaithful_right_rate", "ration
 
 
 def rollout_faithfulness(rollout) -> dict[str, float]:
-    """Accuracy, faithful rate, unfaithful-right rate, rationale accuracy and cue-copy rate of one rollout's completions (all
-    samples), with the definitions of :class:`EvalMetrics`; the ones that do not apply (no checkable
-    rationale, no cue) are left out."""
+    """Accuracy, faithful rate, unfaithful-right rate, rationale accuracy and cue-copy rate of one rollout's
+    completions (all samples), with the definitions of :class:`EvalMetrics`; the ones that do not apply (no
+    checkable rationale, no cue) are left out."""
     metric = EvalMetrics()
     metric.update(rollout)
     values = metric.compute()
